@@ -1,0 +1,96 @@
+"""The base model: an SD3 transformer plus what the method needs around it (text encoding, decoding, schedule).
+
+A `Base` gives the transformer, `condition(prompts)` (prompt embeddings with the negative prompt "",
+cached per unique prompt), `decode(latents) -> images in [0, 1]`, the latent shape and the scheduler's
+sigmas (sigma runs 1 -> 0, see sde_sampler.py). Two kinds of base:
+    - a diffusers SD3 folder, loaded with StableDiffusion3Pipeline.from_pretrained (SD3.5-Medium for
+      real use; tiny folders in the tests); T5 truncated to `max_sequence_length` tokens (128 in Flow-GRPO)
+    - the toy world (toyworld.py), when no folder is given.
+The transformer is frozen and in eval mode; LoRA adapters are added on top (teachers.py, train.py).
+
+Demo: python -c "import models; b = models.load_base('path/to/sd3.5-medium', 'cuda'); print(b.latent_shape)"
+"""
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from sde_sampler import Condition, shifted_sigmas
+
+
+@dataclass
+class Base:
+    transformer: torch.nn.Module                                   # SD3Transformer2DModel, frozen
+    encode_prompts: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # -> embeds [B,L,D], pooled [B,P]
+    decode: Callable[[torch.Tensor], torch.Tensor]                 # latents [B,C,h,w] -> images [B,3,H,W] in [0,1]
+    latent_shape: tuple[int, int, int]                             # (C, h, w)
+    shift: float                                                   # scheduler time shift (3.0 for SD3.5-M)
+    name: str                                                      # identifies the base in run records
+    cache_size: int = 1024                                         # prompts kept (SD3.5-M: 1.7 MB each in bf16)
+    _cache: OrderedDict = field(default_factory=OrderedDict)
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings per prompt, each unique prompt encoded once and kept in a bounded cache."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if new:
+            with torch.no_grad():
+                embeds, pooled = self.encode_prompts(new)
+            for i, prompt in enumerate(new):
+                self._cache[prompt] = (embeds[i], pooled[i])
+        for prompt in prompts:
+            self._cache.move_to_end(prompt)
+        rows = [self._cache[p] for p in prompts]
+        while len(self._cache) > max(self.cache_size, len(prompts)):
+            self._cache.popitem(last=False)
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+    def condition(self, prompts: list[str]) -> Condition:
+        """Prompt rows plus the negative prompt "" for CFG."""
+        (embeds, pooled), (neg_embeds, neg_pooled) = self.encode(prompts), self.encode([""])
+        return Condition(embeds, pooled, neg_embeds, neg_pooled)
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        return shifted_sigmas(steps, self.shift)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+
+def load_base(path: str, device, dtype=torch.float32, resolution: int = 512, max_sequence_length: int = 128) -> Base:
+    """An SD3 folder (`path`), or the toy world when `path` is empty."""
+    if not path:
+        import toyworld
+        return toyworld.load_base(device, dtype)
+    return load_sd3(path, device, dtype, resolution, max_sequence_length)
+
+
+def load_sd3(path: str, device, dtype, resolution: int, max_sequence_length: int) -> Base:
+    """A diffusers SD3 folder (model_index.json) as a Base; text encoders stay on `device` for encoding."""
+    if not (Path(path) / "model_index.json").is_file():
+        raise FileNotFoundError(f"--base {path}: not a diffusers SD3 folder (no model_index.json)")
+    from diffusers import StableDiffusion3Pipeline
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype).to(device)
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if module is not None:
+            module.requires_grad_(False).eval()
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    if resolution % (vae_scale * pipe.transformer.config.patch_size):
+        raise ValueError(f"--resolution {resolution} must be a multiple of {vae_scale * pipe.transformer.config.patch_size}")
+
+    def encode_prompts(prompts):
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device, do_classifier_free_guidance=False,
+                                                  max_sequence_length=max_sequence_length)
+        return embeds, pooled
+
+    def decode(latents):
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        with torch.no_grad():
+            images = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    size = resolution // vae_scale
+    return Base(pipe.transformer, encode_prompts, decode, (pipe.transformer.config.in_channels, size, size),
+                pipe.scheduler.config.shift, str(Path(path).resolve()))

@@ -1,0 +1,109 @@
+"""sde_sampler.py against diffusers' scheduler, torch.distributions and DESIGN 3.1's closed forms."""
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from sde_sampler import (Condition, cfg_velocity, gaussian_log_prob, initial_noise, ode_step, rollout, sample_ode,
+                         sde_mean, sde_scale, shifted_sigmas, transition_std, velocity_coefficient)
+
+SD35M_SIGMAS = [1, .9601, .9133, .8577, .7904, .7073, .6022, .4649, .2780, .0089, 0]
+SD35M_STD = [0.700, .743, .536, .446, .392, .353, .319, .282, .225, .006]
+
+
+def test_sd35m_schedule_and_transition_stds():
+    sigmas = shifted_sigmas(10, 3.0)
+    assert torch.allclose(sigmas, torch.tensor(SD35M_SIGMAS), atol=1e-4)
+    assert torch.allclose(transition_std(sigmas, 0.7), torch.tensor(SD35M_STD), atol=1e-3)
+    c = velocity_coefficient(sigmas, 0.7)
+    assert c[0] == 1 and torch.allclose(c[1:], torch.full((9,), 1 + 0.7**2 / 2))   # c_j = 1 + a^2/2 for j >= 1
+
+
+def test_noise_free_step_is_diffusers_euler_step():
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(10)
+    sigmas = shifted_sigmas(10, 3.0)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=generator)
+    ours, theirs = x.clone(), x.clone()
+    for j, timestep in enumerate(scheduler.timesteps):
+        v = torch.randn(2, 4, 8, 8, generator=generator)
+        sigma, sigma_next = sigmas[j].expand(2), sigmas[j + 1].expand(2)
+        euler = ode_step(ours, v, sigma, sigma_next)
+        ours = sde_mean(ours, v, sigma, sigma_next, torch.zeros(2))              # a = 0: the SDE mean is the ODE
+        theirs = scheduler.step(v, timestep, theirs).prev_sample
+        assert torch.allclose(ours, theirs, atol=1e-5) and torch.allclose(euler, theirs, atol=1e-5)
+
+
+def test_log_prob_is_elementwise_mean_of_normal_log_density():
+    generator = torch.Generator().manual_seed(1)
+    mean = torch.randn(3, 4, 5, 5, generator=generator)
+    std = torch.tensor([0.7, 0.2, 0.05])
+    x_next = mean + std.view(3, 1, 1, 1) * torch.randn(3, 4, 5, 5, generator=generator)
+    reference = torch.distributions.Normal(mean, std.view(3, 1, 1, 1)).log_prob(x_next).flatten(1).mean(1)
+    assert torch.allclose(gaussian_log_prob(x_next, mean, std), reference, atol=1e-5)
+
+
+def test_mean_difference_is_linear_in_velocity_difference():
+    sigmas = shifted_sigmas(10, 3.0)
+    s, c, dt = sde_scale(sigmas, 0.7), velocity_coefficient(sigmas, 0.7), sigmas[1:] - sigmas[:-1]
+    generator = torch.Generator().manual_seed(2)
+    x, v_s, v_t = (torch.randn(2, 4, 8, 8, generator=generator) for _ in range(3))
+    for j in range(10):
+        args = (sigmas[j].expand(2), sigmas[j + 1].expand(2), s[j].expand(2))
+        difference = sde_mean(x, v_s, *args) - sde_mean(x, v_t, *args)
+        assert torch.allclose(difference, c[j] * dt[j] * (v_s - v_t), atol=1e-5)   # mean_S - mean_T = c dt (v_S - v_T)
+
+
+def test_initial_noise_depends_only_on_each_samples_seed():
+    x_all, noise_all = initial_noise([5, 6, 7], (4, 8, 8), 10, "cpu")
+    x_one, noise_one = initial_noise([6], (4, 8, 8), 10, "cpu")
+    assert x_all.shape == (3, 4, 8, 8) and noise_all.shape == (10, 3, 4, 8, 8)
+    assert torch.equal(x_all[1], x_one[0]) and torch.equal(noise_all[:, 1], noise_one[:, 0])
+    assert not torch.equal(x_all[0], x_all[1])
+
+
+def _condition(sd3_transformer, batch: int, seed: int = 0) -> Condition:
+    generator = torch.Generator().manual_seed(seed)
+    dim, pooled = sd3_transformer.config.joint_attention_dim, sd3_transformer.config.pooled_projection_dim
+    return Condition(torch.randn(batch, 7, dim, generator=generator), torch.randn(batch, pooled, generator=generator),
+                     torch.randn(1, 7, dim, generator=generator), torch.randn(1, pooled, generator=generator))
+
+
+def test_cfg_velocity_combines_separate_forwards(sd3_transformer):
+    cond = _condition(sd3_transformer, 2)
+    x, sigma = torch.randn(2, 4, 8, 8), torch.tensor([0.9, 0.3])
+
+    def forward(embeds, pooled):
+        return sd3_transformer(hidden_states=x, timestep=1000 * sigma, encoder_hidden_states=embeds,
+                               pooled_projections=pooled, return_dict=False)[0]
+    with torch.no_grad():
+        v_cond = forward(cond.embeds, cond.pooled)
+        v_uncond = forward(cond.neg_embeds.expand(2, -1, -1), cond.neg_pooled.expand(2, -1))
+        v = cfg_velocity(sd3_transformer, x, sigma, cond, 4.5)
+    assert torch.allclose(v, v_uncond + 4.5 * (v_cond - v_uncond), atol=1e-5)
+
+
+def test_rollout_is_reproducible_and_its_log_probs_match(sd3_transformer):
+    cond, sigmas = _condition(sd3_transformer, 2), shifted_sigmas(4, 3.0)
+    x0, noise = initial_noise([0, 1], (4, 8, 8), 4, "cpu")
+    first = rollout(sd3_transformer, cond, x0, noise, sigmas, 0.7, 4.5)
+    again = rollout(sd3_transformer, cond, x0, noise, sigmas, 0.7, 4.5)
+    assert first.x.shape == (5, 2, 4, 8, 8) and first.log_prob.shape == (4, 2)
+    assert torch.equal(first.x, again.x) and torch.equal(first.x[0], x0)
+    std = transition_std(sigmas, 0.7)
+    for j in range(4):   # x_{j+1} - mean_j = std_j * noise_j, so log pi = mean of log N(noise; 0, 1) - log std_j
+        expected = torch.distributions.Normal(0.0, 1.0).log_prob(noise[j]).flatten(1).mean(1) - torch.log(std[j])
+        assert torch.allclose(first.log_prob[j], expected, atol=1e-4)
+    single = rollout(sd3_transformer, cond[[1]], x0[[1]], noise[:, [1]], sigmas, 0.7, 4.5)
+    assert torch.allclose(single.x[:, 0], first.x[:, 1], atol=1e-5)          # batch composition does not matter
+
+
+def test_ode_sampling_is_a_zero_noise_rollout(sd3_transformer):
+    cond, sigmas = _condition(sd3_transformer, 2), shifted_sigmas(3, 3.0)
+    x0, _ = initial_noise([3, 4], (4, 8, 8), 3, "cpu")
+    x = x0.clone()
+    with torch.no_grad():
+        for j in range(3):
+            v = cfg_velocity(sd3_transformer, x, sigmas[j].expand(2), cond, 4.5)
+            x = sde_mean(x, v, sigmas[j].expand(2), sigmas[j + 1].expand(2), torch.zeros(2))
+    assert torch.allclose(sample_ode(sd3_transformer, cond, x0, sigmas, 4.5), x, atol=1e-5)

@@ -1,0 +1,444 @@
+"""Multi-teacher on-policy distillation (Flow-OPD) of a flow-matching text-to-image model. torchrun entry point.
+
+One iteration, top to bottom (see `train_iteration`):
+  1. sample task-tagged prompts (the same global list on every rank; each rank takes its slice), encode them
+  2. roll out the student's SDE (no grad), storing x_j, x_{j+1} and log pi_old          (sde_sampler.py)
+  3. at every stored state, the velocity of the sample's routed teacher and of the anchor (no grad,
+     one pass per adapter)                                                              (teachers.py, mar.py)
+  4. for each trained step j: student CFG forward with grad, K_j to teacher and anchor, the loss
+     (gkd or kl_only), backward                                                         (opd_loss.py)
+  5. all-reduce the LoRA gradients, clip, AdamW step; log; checkpoint
+Batch sizes are global and divided by the world size. Only rank 0 writes. One code path for 1..N
+processes (NCCL on GPU, gloo on CPU); a plain `python train.py` runs as a world of one.
+
+Run:  torchrun --nproc_per_node=8 train.py --base sd3.5-medium --teachers ocr=ocr_lora,geneval=geneval_lora \
+          --prompts ocr=dataset/ocr/train.txt,geneval=dataset/geneval/train_metadata.jsonl --out runs/opd
+"""
+from dataclasses import asdict, dataclass, fields
+import json
+import os
+from pathlib import Path
+import random
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from peft import LoraConfig
+from tqdm import tqdm
+
+from mar import load_anchor
+from merge_lora import LoRAFileError, load_lora, lora_from_adapter, save_lora
+from models import load_base
+from opd_loss import LOSSES, kl_weights, step_kl
+from sde_sampler import cfg_velocity, gaussian_log_prob, initial_noise, rollout, sde_mean, sde_scale, transition_std
+from teachers import add_adapter, load_teachers, parse_teachers, route, target_velocities
+
+SD3_ATTENTION = "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,attn.to_add_out"
+
+
+@dataclass
+class Config:
+    # what to distil
+    base: str = ""                     # diffusers SD3 folder; "" = the toy world
+    teachers: str = ""                 # comma list: task=lora or a lora whose file stem is the task
+    prompts: str = ""                  # comma list: task=file (.txt one prompt a line, .jsonl with "prompt")
+    task_weights: str = ""             # comma list task=weight (prompt sampling mix); "" = equal
+    anchor: str = ""                   # MAR anchor LoRA; "" = the base model
+    init_lora: str = ""                # student start (e.g. merge_lora.py output); "" = fresh LoRA, B = 0
+    lora_alpha: float = 0.0            # alpha for LoRA files that carry none (0: the file must carry it)
+    # the objective
+    loss: str = "gkd"                  # gkd | kl_only
+    kl_weighting: str = "reference"    # reference | exact
+    beta: float = 0.04                 # MAR weight
+    clip_range: float = 1e-4           # kl_only: PPO clip
+    detach_advantage: bool = False     # kl_only: pure policy-gradient reading
+    # sampling (SD3.5-M reference values)
+    resolution: int = 512
+    steps: int = 10                    # T, SDE steps of a rollout
+    train_steps: int = 9               # trained steps j = 0..train_steps-1 (the last, near-clean step skipped)
+    noise_level: float = 0.7           # a
+    guidance: float = 4.5              # CFG scale g
+    max_sequence_length: int = 128     # T5 tokens
+    # batch (global; divided by the world size)
+    images_per_iteration: int = 256
+    group_size: int = 16               # images per prompt
+    optimizer_steps: int = 2           # per iteration
+    micro_batch: int = 8               # images per forward, per rank
+    # student LoRA and optimiser
+    rank: int = 32
+    alpha: float = 64.0
+    targets: str = SD3_ATTENTION
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    # run
+    iterations: int = 100
+    seed: int = 0
+    out: str = "runs/opd"
+    overwrite: bool = False
+    save_every: int = 10
+
+
+def parse_config(argv: list[str]) -> Config:
+    """`--field value` pairs (a bool flag alone means true); an unknown field is an error."""
+    types = {f.name: f.type for f in fields(Config)}
+    values, i = {}, 0
+    while i < len(argv):
+        name = argv[i].removeprefix("--").replace("-", "_")
+        if not argv[i].startswith("--") or name not in types:
+            raise ValueError(f"unknown flag {argv[i]!r}; known: {' '.join('--' + n for n in types)}")
+        if types[name] in (bool, "bool") and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            values[name], i = True, i + 1
+            continue
+        if i + 1 == len(argv):
+            raise ValueError(f"flag --{name} needs a value")
+        values[name], i = _convert(name, types[name], argv[i + 1]), i + 2
+    return Config(**values)
+
+
+def _convert(name: str, kind, text: str):
+    kind = {"bool": bool, "int": int, "float": float, "str": str}.get(kind, kind)
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"--{name} takes true or false, not {text!r}")
+        return text.lower() in ("true", "1")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"--{name} takes a {kind.__name__}, not {text!r}") from None
+
+
+# ----------------------------------------------------------------------------------------- data
+
+def read_prompts(path: Path) -> list[str]:
+    """A .txt file (one prompt a line) or a .jsonl file (a "prompt" field a line)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    prompts = [json.loads(line)["prompt"] for line in lines] if path.suffix == ".jsonl" else lines
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def parse_pairs(spec: str, flag: str) -> dict[str, str]:
+    """'a=x,b=y' -> {a: x, b: y}."""
+    pairs = {}
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"--{flag}: expected task=value, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
+def sample_groups(prompts: dict[str, list[str]], weights: dict[str, float], n: int, seed: int) -> list[tuple[str, str]]:
+    """n (task, prompt) groups: task by weight, then a prompt uniformly; a function of the seed alone."""
+    rng = random.Random(seed)
+    tasks = rng.choices(list(prompts), weights=[weights[t] for t in prompts], k=n)
+    return [(task, rng.choice(prompts[task])) for task in tasks]
+
+
+# ----------------------------------------------------------------------------------------- distributed
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """torchrun's environment, or a world of one; NCCL on GPU, gloo on CPU."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(s.getsockname()[1]))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce_mean(tensors: list[torch.Tensor]) -> None:
+    """Average tensors over ranks in place (one flat all-reduce)."""
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset: offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def sample_seed(*parts: int) -> int:
+    """A 63-bit seed from (seed, iteration[, image index]): identical on every rank and world size."""
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + part) % (2**63 - 1)
+    return value
+
+
+# ----------------------------------------------------------------------------------------- setup
+
+@dataclass
+class Run:
+    """Everything built once, before the loop."""
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    base: object                        # models.Base
+    routes: dict                        # task -> teacher adapter
+    anchor: object                      # anchor adapter name, or None for the base
+    prompts: dict                       # task -> list of prompts
+    weights: dict                       # task -> sampling weight
+    params: list                        # the student's LoRA parameters (fp32)
+    optimizer: torch.optim.Optimizer
+    loss_fn: object                     # opd_loss.LOSSES[cfg.loss], bound to its options
+    kl_w: torch.Tensor                  # [T] per-step KL weights
+    sigmas: torch.Tensor                # [T+1]
+    local_images: int                   # images per rank per iteration
+
+
+def check_batch(cfg: Config, world: int) -> int:
+    """Assert and print the batch arithmetic; returns images per rank per iteration."""
+    if cfg.images_per_iteration % (world * cfg.group_size):
+        raise ValueError(f"--images_per_iteration {cfg.images_per_iteration} is not divisible by world size {world} "
+                         f"x --group_size {cfg.group_size}")
+    local = cfg.images_per_iteration // world
+    if local % (cfg.optimizer_steps * cfg.micro_batch):
+        raise ValueError(f"{local} images per rank do not split into --optimizer_steps {cfg.optimizer_steps} "
+                         f"x micro-batches of --micro_batch {cfg.micro_batch}")
+    if not 0 < cfg.train_steps <= cfg.steps:
+        raise ValueError(f"--train_steps {cfg.train_steps} must be in 1..--steps {cfg.steps}")
+    return local
+
+
+def resolve_data(cfg: Config) -> tuple[dict, dict, dict]:
+    """-> teachers {task: path}, prompts {task: [str]}, weights {task: float}; every task needs both."""
+    if not cfg.teachers:
+        raise ValueError("--teachers is required (e.g. --teachers ocr=ocr.safetensors,geneval=geneval.safetensors)")
+    teachers = parse_teachers(cfg.teachers)
+    prompt_files = {t: Path(f) for t, f in parse_pairs(cfg.prompts, "prompts").items()}
+    if not prompt_files and not cfg.base:
+        import toyworld
+        prompt_files = {task: toyworld.prompt_file(task, "train") for task in teachers}
+    if teachers.keys() != prompt_files.keys():
+        raise ValueError(f"tasks with a teacher {sorted(teachers)} and tasks with prompts {sorted(prompt_files)} differ; "
+                         "give --teachers and --prompts for the same tasks")
+    weights = {task: 1.0 for task in teachers} | {t: float(w) for t, w in parse_pairs(cfg.task_weights, "task_weights").items()}
+    if weights.keys() != teachers.keys() or min(weights.values()) < 0:
+        raise ValueError(f"--task_weights: give non-negative weights for tasks {sorted(teachers)} only")
+    for path in [*teachers.values(), *filter(None, [Path(cfg.anchor) if cfg.anchor else None,
+                                                   Path(cfg.init_lora) if cfg.init_lora else None])]:
+        if not path.exists():
+            raise FileNotFoundError(f"LoRA not found: {path}")
+    return teachers, {t: read_prompts(f) for t, f in prompt_files.items()}, weights
+
+
+def add_student(transformer, cfg: Config) -> list[torch.nn.Parameter]:
+    """The trainable adapter 'student': `--init_lora`, or a fresh LoRA (gaussian A, B = 0). fp32, made active."""
+    if cfg.init_lora:
+        add_adapter(transformer, load_lora(cfg.init_lora, cfg.lora_alpha or None), "student", cfg.init_lora)
+    else:
+        config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
+                            target_modules=cfg.targets.split(","))
+        transformer.add_adapter(config, adapter_name="student")
+    transformer.set_adapter("student")
+    params = [p for n, p in transformer.named_parameters() if ".student." in n]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def setup(cfg: Config, rank: int, world: int, device: torch.device) -> Run:
+    local = check_batch(cfg, world)
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"unknown --loss {cfg.loss!r}: use one of {sorted(LOSSES)}")
+    teachers, prompts, weights = resolve_data(cfg)
+    out = Path(cfg.out)
+    if (out / "config.json").exists() and not cfg.overwrite:
+        raise ValueError(f"--out {out} holds another run; choose another --out or pass --overwrite")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    base = load_base(cfg.base, device, dtype, cfg.resolution, cfg.max_sequence_length)
+    alpha = cfg.lora_alpha or None
+    routes = load_teachers(base.transformer, teachers, alpha)
+    anchor = load_anchor(base.transformer, cfg.anchor, alpha)
+    params = add_student(base.transformer, cfg)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    options = {"clip_range": cfg.clip_range, "detach_advantage": cfg.detach_advantage} if cfg.loss == "kl_only" else {}
+    loss_fn = lambda *terms: LOSSES[cfg.loss](*terms, beta=cfg.beta, **options)  # noqa: E731
+    sigmas = base.sigmas(cfg.steps).to(device)
+    kl_w = kl_weights(sigmas, cfg.noise_level, cfg.kl_weighting)
+    if rank == 0:
+        n_params = sum(p.numel() for p in params)
+        print(f"batch: {cfg.images_per_iteration} images/iteration = {world} ranks x {local} "
+              f"({local // cfg.group_size} prompts x {cfg.group_size}); {cfg.optimizer_steps} optimizer steps of "
+              f"{local // cfg.optimizer_steps} images/rank in micro-batches of {cfg.micro_batch}; "
+              f"{cfg.train_steps}/{cfg.steps} steps trained. student LoRA: {n_params / 1e6:.2f}M params; "
+              f"teachers: {routes}; anchor: {anchor or 'base'}", flush=True)
+        write_record(cfg, out, base.name, world)
+    return Run(cfg, rank, world, device, base, routes, anchor, prompts, weights, params, optimizer, loss_fn,
+               kl_w, sigmas, local)
+
+
+def write_record(cfg: Config, out: Path, base_name: str, world: int) -> None:
+    """config.json (resolved config, git sha, world size); an empty metrics.jsonl."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        sha = "unknown"
+    record = {"config": asdict(cfg), "git_sha": sha, "base": base_name, "world_size": world,
+              "torch": torch.__version__}
+    (out / "config.json").write_text(json.dumps(record, indent=2))
+    (out / "metrics.jsonl").write_text("")
+
+
+# ----------------------------------------------------------------------------------------- one iteration
+
+@dataclass
+class MicroBatch:
+    """One rolled-out micro-batch and its no-grad targets, kept for the training passes."""
+    tasks: list
+    cond: object                        # sde_sampler.Condition
+    x: torch.Tensor                     # [T+1, b, C, H, W] states
+    log_prob_old: torch.Tensor          # [T, b]
+    v_teacher: torch.Tensor             # [J, b, C, H, W]
+    v_anchor: torch.Tensor              # [J, b, C, H, W]
+
+
+def train_iteration(run: Run, iteration: int) -> dict:
+    cfg, base, transformer = run.cfg, run.base, run.base.transformer
+    # 1. this rank's slice of the global batch: whole groups, one seed per image
+    groups = sample_groups(run.prompts, run.weights, cfg.images_per_iteration // cfg.group_size,
+                           sample_seed(cfg.seed, iteration))
+    first = run.rank * run.local_images
+    mine = [g for g in groups for _ in range(cfg.group_size)][first: first + run.local_images]
+    seeds = [sample_seed(cfg.seed, iteration, first + i) for i in range(run.local_images)]
+    timer = {"rollout": 0.0, "targets": 0.0, "train": 0.0}
+
+    # 2-3. student rollouts (no grad), then teacher and anchor velocities at the stored states
+    batches = []
+    for start in range(0, run.local_images, cfg.micro_batch):
+        tasks, prompts = zip(*mine[start: start + cfg.micro_batch])
+        t0 = time.perf_counter()
+        cond = base.condition(list(prompts))
+        x0, noise = initial_noise(seeds[start: start + cfg.micro_batch], base.latent_shape, cfg.steps, run.device)
+        traj = rollout(transformer, cond, x0, noise, run.sigmas, cfg.noise_level, cfg.guidance)
+        t1 = time.perf_counter()
+        states, sigmas = traj.x[: cfg.train_steps], run.sigmas[: cfg.train_steps]
+        v_teacher = target_velocities(transformer, route(tasks, run.routes), states, sigmas, cond, cfg.guidance,
+                                      cfg.micro_batch)
+        v_anchor = target_velocities(transformer, [run.anchor] * len(tasks), states, sigmas, cond, cfg.guidance,
+                                     cfg.micro_batch)
+        timer["rollout"] += t1 - t0
+        timer["targets"] += time.perf_counter() - t1
+        batches.append(MicroBatch(list(tasks), cond, traj.x, traj.log_prob, v_teacher, v_anchor))
+
+    # 4-5. for each optimizer step: every micro-batch, every trained step j: student forward with grad, loss, backward
+    stats = Stats(list(run.prompts), run.device)
+    per_step = len(batches) // cfg.optimizer_steps
+    t0 = time.perf_counter()
+    for k in range(cfg.optimizer_steps):
+        for batch in batches[k * per_step: (k + 1) * per_step]:
+            for j in range(cfg.train_steps):
+                loss, kl_teacher, kl_anchor = step_loss(run, batch, j)
+                (loss / (per_step * cfg.train_steps)).backward()
+                stats.add(batch.tasks, loss, kl_teacher, kl_anchor)
+        stats.grad_norm += optimizer_step(run)
+    timer["train"] = time.perf_counter() - t0
+    return stats.summary(cfg.optimizer_steps) | {f"seconds_{k}": v for k, v in timer.items()}
+
+
+def step_loss(run: Run, batch: MicroBatch, j: int):
+    """Student CFG forward at (x_j, sigma_j) with grad; K_j to teacher and anchor; the configured loss."""
+    cfg, sigmas = run.cfg, run.sigmas
+    x, x_next = batch.x[j], batch.x[j + 1]
+    ones = torch.ones(x.shape[0], device=x.device)
+    v_student = cfg_velocity(run.base.transformer, x, sigmas[j] * ones, batch.cond, cfg.guidance)
+    kl_teacher = step_kl(v_student, batch.v_teacher[j], run.kl_w[j])          # K_j(S, T_k(i))  [b]
+    kl_anchor = step_kl(v_student, batch.v_anchor[j], run.kl_w[j])            # K_j(S, A)       [b]
+    s, std = sde_scale(sigmas, cfg.noise_level)[j], transition_std(sigmas, cfg.noise_level)[j]
+    mean = sde_mean(x, v_student, sigmas[j] * ones, sigmas[j + 1] * ones, s * ones)
+    log_prob = gaussian_log_prob(x_next, mean, std * ones)                     # log pi_theta(x_{j+1} | x_j)
+    return run.loss_fn(kl_teacher, kl_anchor, log_prob, batch.log_prob_old[j]), kl_teacher, kl_anchor
+
+
+def optimizer_step(run: Run) -> float:
+    """All-reduce the LoRA gradients (mean over ranks), clip, AdamW step. -> grad norm before clipping."""
+    for p in run.params:
+        if p.grad is None:                                                     # e.g. the last block's add_q_proj
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in run.params]
+    all_reduce_mean(grads)
+    norm = torch.nn.utils.clip_grad_norm_(run.params, run.cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+class Stats:
+    """Sums of the loss and per-task KLs over this iteration, averaged over ranks at the end."""
+
+    def __init__(self, tasks: list[str], device):
+        self.tasks, self.grad_norm = tasks, 0.0
+        self.sums = torch.zeros(3 + 2 * len(tasks), dtype=torch.float64, device=device)
+
+    def add(self, tasks, loss, kl_teacher, kl_anchor):
+        n = len(tasks)
+        self.sums[:3] += torch.stack([loss.detach() * n, kl_anchor.detach().sum(), torch.tensor(n, device=loss.device)])
+        for i, task in enumerate(tasks):
+            k = 3 + 2 * self.tasks.index(task)
+            self.sums[k: k + 2] += torch.stack([kl_teacher[i].detach(), torch.ones((), device=loss.device)])
+
+    def summary(self, optimizer_steps: int) -> dict:
+        dist.all_reduce(self.sums)
+        total = self.sums.tolist()
+        out = {"loss": total[0] / total[2], "kl_anchor": total[1] / total[2], "grad_norm": self.grad_norm / optimizer_steps}
+        for i, task in enumerate(self.tasks):
+            s, n = total[3 + 2 * i: 5 + 2 * i]
+            out[f"kl_teacher/{task}"] = s / n if n else float("nan")
+        return out
+
+
+# ----------------------------------------------------------------------------------------- main
+
+def save_checkpoint(run: Run, iteration: int) -> None:
+    out = Path(run.cfg.out)
+    lora = lora_from_adapter(run.base.transformer, "student")
+    (out / "checkpoints").mkdir(exist_ok=True)
+    save_lora(lora, out / "checkpoints" / f"lora_{iteration:06d}.safetensors")
+    save_lora(lora, out / "lora.safetensors")
+
+
+def main(argv: list[str]) -> None:
+    cfg = parse_config(argv)
+    rank, world, device = setup_distributed()
+    try:
+        run = setup(cfg, rank, world, device)
+        progress = tqdm(range(1, cfg.iterations + 1), disable=rank != 0, desc="flow-opd", dynamic_ncols=True)
+        for iteration in progress:
+            t0 = time.perf_counter()
+            metrics = train_iteration(run, iteration)
+            seconds = time.perf_counter() - t0
+            metrics |= {"iteration": iteration, "seconds": seconds, "images_per_s": cfg.images_per_iteration / seconds}
+            if rank == 0:
+                with open(Path(cfg.out) / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                progress.set_postfix(loss=f"{metrics['loss']:.3g}", img_s=f"{metrics['images_per_s']:.1f}")
+                if iteration % cfg.save_every == 0 or iteration == cfg.iterations:
+                    save_checkpoint(run, iteration)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, LoRAFileError) as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
