@@ -72,7 +72,11 @@ def load_sd3(path: str, device, dtype, resolution: int, max_sequence_length: int
     if not (Path(path) / "model_index.json").is_file():
         raise FileNotFoundError(f"--base {path}: not a diffusers SD3 folder (no model_index.json)")
     from diffusers import StableDiffusion3Pipeline
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype).to(device)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype).to(device)
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if module is not None:
             module.requires_grad_(False).eval()

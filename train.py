@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -244,7 +245,9 @@ def add_student(transformer, cfg: Config) -> list[torch.nn.Parameter]:
     else:
         config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
                             target_modules=cfg.targets.split(","))
-        transformer.add_adapter(config, adapter_name="student")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            transformer.add_adapter(config, adapter_name="student")
     transformer.set_adapter("student")
     params = [p for n, p in transformer.named_parameters() if ".student." in n]
     for p in params:
@@ -266,6 +269,7 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device) -> Run:
     alpha = cfg.lora_alpha or None
     routes = load_teachers(base.transformer, teachers, alpha)
     anchor = load_anchor(base.transformer, cfg.anchor, alpha)
+    torch.manual_seed(cfg.seed)                                                # the same fresh LoRA on every rank
     params = add_student(base.transformer, cfg)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     options = {"clip_range": cfg.clip_range, "detach_advantage": cfg.detach_advantage} if cfg.loss == "kl_only" else {}
@@ -401,7 +405,7 @@ class Stats:
         out = {"loss": total[0] / total[2], "kl_anchor": total[1] / total[2], "grad_norm": self.grad_norm / optimizer_steps}
         for i, task in enumerate(self.tasks):
             s, n = total[3 + 2 * i: 5 + 2 * i]
-            out[f"kl_teacher/{task}"] = s / n if n else float("nan")
+            out[f"kl_teacher/{task}"] = s / n if n else None           # task absent this iteration
         return out
 
 

@@ -1,0 +1,186 @@
+"""train.py end to end on a tiny SD3 folder: torchrun, checkpoints diffusers can load, 1 vs 2 processes, bad input."""
+import copy
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, random_lora, write_peft
+from merge_lora import load_lora, save_lora
+from sde_sampler import Condition, cfg_velocity
+from teachers import add_adapter
+from train import Config, parse_config
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+SMALL = ["--resolution", "16", "--steps", "4", "--train_steps", "3", "--images_per_iteration", "8", "--group_size", "2",
+         "--micro_batch", "2", "--lr", "1e-2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, teacher_files) -> dict:
+    folder = tmp_path_factory.mktemp("prompts")
+    (folder / "ocr.txt").write_text('a sign that says "hello"\na red sign\n')
+    (folder / "geneval.jsonl").write_text('{"prompt": "two red cats", "tag": "counting"}\n{"prompt": "a blue dog on the left"}\n')
+    (folder / "pick.txt").write_text("a photo of a cat\n")
+    return {"teachers": f"ocr={teacher_files['ocr']},geneval={teacher_files['geneval']},{teacher_files['pick']}",
+            "prompts": f"ocr={folder / 'ocr.txt'},geneval={folder / 'geneval.jsonl'},pick={folder / 'pick.txt'}",
+            "folder": folder}
+
+
+def run_train(args, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    """torchrun with `nproc` processes; nproc=0 runs plain `python train.py` (a world of one)."""
+    launcher = [*TORCHRUN, f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+    result = subprocess.run([*launcher, str(ROOT / "train.py"), *map(str, args)],
+                            capture_output=True, text=True, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def common(sd3_folder, data, out) -> list:
+    return ["--base", sd3_folder, "--teachers", data["teachers"], "--prompts", data["prompts"], "--out", out, *SMALL]
+
+
+def test_parse_config_types_bools_and_unknown_flags():
+    cfg = parse_config(["--beta", "0.1", "--iterations", "3", "--detach_advantage", "--loss", "kl_only"])
+    assert cfg.beta == 0.1 and cfg.iterations == 3 and cfg.detach_advantage is True and cfg.loss == "kl_only"
+    assert Config().group_size == 16 and Config().guidance == 4.5 and Config().noise_level == 0.7
+    with pytest.raises(ValueError, match="unknown flag '--betta'"):
+        parse_config(["--betta", "0.1"])
+    with pytest.raises(ValueError, match="--iterations takes a int"):
+        parse_config(["--iterations", "many"])
+
+
+def test_torchrun_trains_and_writes_a_checkpoint_diffusers_loads(sd3_folder, data, tmp_path):
+    out = tmp_path / "run"
+    run_train([*common(sd3_folder, data, out), "--iterations", "3", "--anchor", data["teachers"].split(",")[-1]])
+    record = json.loads((out / "config.json").read_text())
+    assert record["config"]["iterations"] == 3 and record["world_size"] == 1 and len(record["git_sha"]) > 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [1, 2, 3]
+    assert all(m["loss"] > 0 and m["kl_anchor"] > 0 and m["grad_norm"] > 0 and m["images_per_s"] > 0 for m in metrics)
+    assert any(m["kl_teacher/ocr"] for m in metrics)
+
+    from diffusers import StableDiffusion3Pipeline
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_folder)
+    base = copy.deepcopy(pipe.transformer)
+    ours = copy.deepcopy(pipe.transformer)
+    lora = load_lora(out / "lora.safetensors")
+    assert lora.alpha == 64.0 and lora.rank == 32
+    add_adapter(ours, lora, "student")
+    pipe.load_lora_weights(out / "lora.safetensors")
+    g = torch.Generator().manual_seed(0)
+    cond = Condition(torch.randn(2, 5, 32, generator=g), torch.randn(2, 32, generator=g), torch.randn(1, 5, 32, generator=g),
+                     torch.randn(1, 32, generator=g))
+    x, sigma = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([0.9, 0.5])
+    with torch.no_grad():
+        v_diffusers, v_ours, v_base = (cfg_velocity(t, x, sigma, cond, 4.5) for t in (pipe.transformer, ours, base))
+    assert torch.allclose(v_diffusers, v_ours, atol=1e-5)
+    assert (v_ours - v_base).abs().max() > 1e-4
+
+
+def test_only_student_lora_parameters_receive_gradients(sd3_folder, data, tmp_path):
+    from train import Run, setup, setup_distributed, step_loss, train_iteration  # noqa: F401
+    import torch.distributed as dist
+    from teachers import load_teachers
+    from models import load_base
+    base = load_base(str(sd3_folder), "cpu", torch.float32, 16)
+    cfg = parse_config(common(sd3_folder, data, tmp_path / "g"))
+    from train import add_student, resolve_data
+    teachers, _, _ = resolve_data(cfg)
+    load_teachers(base.transformer, teachers)
+    params = add_student(base.transformer, cfg)
+    cond = base.condition(["a red sign", "two red cats"])
+    x = torch.randn(2, 4, 8, 8)
+    v = cfg_velocity(base.transformer, x, torch.tensor([0.9, 0.4]), cond, 4.5)
+    v.pow(2).mean().backward()
+    with_grad = {n for n, p in base.transformer.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    student = {n for n, p in base.transformer.named_parameters() if ".student." in n}
+    assert with_grad <= student and len(params) == len(student)
+    zero = student - with_grad                                    # allowed: the structural zero of the last block
+    assert all(".lora_A." in n or "transformer_blocks.1.attn.add_q_proj" in n for n in zero), zero
+
+
+def test_two_processes_give_the_same_lora_as_one(sd3_folder, data, tmp_path):
+    args = ["--iterations", "2", "--optimizer_steps", "1", "--lr", "1e-3"]
+    run_train([*common(sd3_folder, data, tmp_path / "one"), *args], nproc=1)
+    run_train([*common(sd3_folder, data, tmp_path / "two"), *args], nproc=2)
+    one, two = load_lora(tmp_path / "one" / "lora.safetensors"), load_lora(tmp_path / "two" / "lora.safetensors")
+    moved = max((one.B[m]).abs().max().item() for m in one.B)
+    assert moved > 1e-4                                          # training moved the LoRA
+    for m in one.A:
+        assert torch.allclose(one.A[m], two.A[m], atol=1e-6) and torch.allclose(one.B[m], two.B[m], atol=1e-6), m
+    metrics = [json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[-1]) for d in ("one", "two")]
+    assert abs(metrics[0]["loss"] - metrics[1]["loss"]) < 1e-6 * max(1.0, metrics[0]["loss"])
+
+
+def _bad(tmp_path, sd3_folder, data, **changes):
+    """Flags with `changes` applied; returns (result, out folder)."""
+    flags = {"base": sd3_folder, "teachers": data["teachers"], "prompts": data["prompts"], "out": tmp_path / "out"}
+    flags.update(changes)
+    args = SMALL[:-2] + [x for k, v in flags.items() for x in (f"--{k}", v)]
+    return run_train(args, nproc=0, check=False), flags["out"]
+
+
+def _wrong_shape_lora(tmp_path, sd3_folder):
+    from diffusers import SD3Transformer2DModel
+    lora = random_lora(SD3Transformer2DModel.from_pretrained(sd3_folder, subfolder="transformer"), 4)
+    module = next(iter(lora.A))
+    lora.A[module] = torch.zeros(4, 3)
+    save_lora(lora, tmp_path / "wrong.safetensors")
+    return tmp_path / "wrong.safetensors"
+
+
+BAD_INPUTS = {
+    "missing teacher": (lambda t, f, d: {"teachers": d["teachers"].replace("ocr=", f"ocr={t}/nope", 1)},
+                        "LoRA not found: .*nope"),
+    "missing base": (lambda t, f, d: {"base": t / "no_base"}, "not a diffusers SD3 folder"),
+    "foreign lora": (lambda t, f, d: {"anchor": write_foreign(t)}, "not a linear layer of this base"),
+    "shape mismatch": (lambda t, f, d: {"anchor": _wrong_shape_lora(t, f)}, "has shape in=3"),
+    "prompts without teacher": (lambda t, f, d: {"prompts": d["prompts"] + f",extra={d['folder'] / 'pick.txt'}"},
+                                "tasks with a teacher .* and tasks with prompts .* differ"),
+    "empty prompt file": (lambda t, f, d: {"prompts": d["prompts"].replace(str(d["folder"] / "pick.txt"), str(empty(t)))},
+                          "holds no prompts"),
+    "batch not divisible": (lambda t, f, d: {"images_per_iteration": 6}, "not divisible by world size 1 x --group_size 4"),
+}
+
+
+def write_foreign(tmp_path: Path) -> Path:
+    save_lora(load_lora_like({"down_blocks.0.attn.to_q": (2, 8, 8)}), tmp_path / "foreign.safetensors")
+    return tmp_path / "foreign.safetensors"
+
+
+def load_lora_like(shapes):
+    from merge_lora import LoRA
+    return LoRA({m: torch.zeros(r, i) for m, (r, i, o) in shapes.items()}, {m: torch.zeros(o, r) for m, (r, i, o) in shapes.items()}, 2.0)
+
+
+def empty(tmp_path: Path) -> Path:
+    (tmp_path / "empty.txt").write_text("\n")
+    return tmp_path / "empty.txt"
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_fails_in_one_line_and_writes_nothing(case, sd3_folder, data, tmp_path):
+    make, message = BAD_INPUTS[case]
+    changes = make(tmp_path, sd3_folder, data)
+    if case == "batch not divisible":
+        changes["group_size"] = 4
+    result, out = _bad(tmp_path, sd3_folder, data, **changes)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert result.returncode != 0 and len(errors) >= 1, result.stderr[-2000:]
+    assert __import__("re").search(message, errors[0]), errors[0]
+    assert not Path(out).exists()
+
+
+def test_out_holding_another_run_is_refused_and_untouched(sd3_folder, data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"config": "earlier run"}')
+    result, _ = _bad(tmp_path, sd3_folder, data, out=out)
+    assert result.returncode != 0 and "holds another run; choose another --out or pass --overwrite" in result.stderr
+    assert (out / "config.json").read_text() == '{"config": "earlier run"}'
