@@ -1,0 +1,188 @@
+"""Toy-world tasks: renderer and rewards agree, partial credit is exact, splits are fixed and disjoint."""
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import toyworld as tw
+
+S = tw.IMAGE_SIZE
+
+
+def rendered(task: str, prompt: str, seeds=range(8)) -> torch.Tensor:
+    return torch.stack([tw.render(task, prompt, seed) for seed in seeds])  # [len(seeds),3,S,S]
+
+
+@pytest.mark.parametrize("task", tw.TASKS)
+def test_ground_truth_scores_one(task):
+    prompts = tw.prompt_split(task, "test") + tw.prompt_split(task, "train")[:300]
+    rng = np.random.default_rng(1)
+    images = torch.stack([tw.render(task, p, rng) for p in prompts])
+    rewards = tw.score(task, images, prompts)
+    assert rewards.dtype == torch.float32 and rewards.shape == (len(prompts),)
+    assert rewards.min().item() == 1.0
+
+
+@pytest.mark.parametrize("task", tw.TASKS)
+def test_blank_and_noise_score_low(task):
+    prompts = tw.prompt_split(task, "test")
+    blank = torch.ones(len(prompts), 3, S, S)
+    noise = torch.rand(len(prompts), 3, S, S, generator=torch.Generator().manual_seed(0))
+    assert tw.score(task, blank, prompts).max().item() == 0.0  # quality too: an empty canvas has no content
+    assert tw.score(task, noise, prompts).mean().item() <= 0.1
+
+
+@pytest.mark.parametrize("prompt, drawn, expected", [
+    ("a photo of a circle", "a photo of a square", 0),  # shape
+    ("a photo of a triangle and a circle", "a photo of a triangle and a square", 1 / 2),  # one of two shapes
+    ("a photo of a square and a circle", "a photo of a square", 1 / 2),  # missing object
+    ("a photo of three red squares", "a photo of two red squares", 2 / 3),  # count
+    ("a photo of three red squares", "a photo of four red squares", 2 / 3),  # count
+    ("a photo of three red squares", "a photo of three blue squares", 1 / 3),  # colour (so count of red too)
+    ("a photo of a red square", "a photo of a blue square", 1 / 2),  # colour
+    ("a photo of a red square and a blue circle", "a photo of a red square and a green circle", 3 / 4),
+    ("a photo of a red square left of a blue circle", "a photo of a red square right of a blue circle", 4 / 5),
+    ("a photo of a red square left of a blue circle", "a photo of a red square above a blue circle", 4 / 5),
+    ("a photo of a red square left of a blue circle", "a photo of a green square left of a blue circle", 3 / 5),
+])
+def test_geneval_partial_credit(prompt, drawn, expected):
+    rewards = tw.score("geneval", rendered("geneval", drawn), [prompt] * 8)
+    assert rewards.tolist() == pytest.approx([expected] * 8)
+
+
+@pytest.mark.parametrize("prompt, drawn, expected", [
+    ('a sign that says "K7T"', 'a label reading "K7Z"', 2 / 3),  # wrong character
+    ('a sign that says "K7T"', 'a sign that says "K7"', 2 / 3),  # missing character
+    ('a sign that says "K7T"', 'a sign that says "KX7T"', 2 / 3),  # extra character inside
+    ('a sign that says "K7T"', 'a sign that says "K7TJ"', 1.0),  # contains the target
+    ('a poster with the text "LJ4Y"', 'a label reading "LJ"', 1 / 2),
+    ('a poster with the text "LJ"', 'a label reading "TY"', 0.0),
+])
+def test_ocr_partial_credit(prompt, drawn, expected):
+    rewards = tw.score("ocr", rendered("ocr", drawn), [prompt] * 8)
+    assert rewards.tolist() == pytest.approx([expected] * 8)
+
+
+def test_quality_counts_specks_and_mid_tones():
+    image = tw.render("geneval", "a photo of a red square", seed=0)  # [3,S,S]
+    spots = [(y, x) for y, x in itertools.product(range(1, S - 1, 4), repeat=2)
+             if (image[:, y - 1:y + 2, x - 1:x + 2] == 1).all()]  # white 3x3 neighbourhoods, 4 px apart
+    specks, greys = spots[:5], spots[5:12]
+    for y, x in specks:
+        image[:, y, x] = torch.tensor(tw.COLORS["cyan"])  # a pure colour, but isolated
+    for y, x in greys:
+        image[:, y, x] = 0.5
+    bad = (len(specks) + len(greys)) / S**2
+    assert tw.score("quality", image[None], ["ignored"]).item() == pytest.approx(1 - bad / tw.MAX_BAD_FRACTION)
+
+
+def test_quality_penalises_blur():
+    prompts = tw.prompt_split("quality", "test")[:32]
+    sharp = torch.stack([tw.render("quality", p, i) for i, p in enumerate(prompts)])
+    blurred = torch.nn.functional.avg_pool2d(sharp, 3, stride=1, padding=1, count_include_pad=False)
+    assert tw.score("quality", blurred, prompts).mean().item() < 0.5
+
+
+def test_every_shape_size_and_colour_reads_back():
+    cases = list(itertools.product(tw.SHAPES, tw.SIZES, tw.COLORS))
+    images = torch.ones(len(cases), 3, S, S)
+    for image, (shape, size, color) in zip(images, cases):
+        image[:, 5:5 + size, 9:9 + size][:, torch.from_numpy(tw.shape_mask(shape, size))] = \
+            torch.tensor(tw.COLORS[color])[:, None]
+    found = tw.read_objects(images)
+    assert [[(f.shape, f.color) for f in objects] for objects in found] == [[(s, c)] for s, _, c in cases]
+
+
+def test_label_components_closed_form():
+    masks = np.array([[1, 1, 0, 0],
+                      [0, 1, 0, 1],
+                      [0, 0, 1, 0],  # touches its neighbours only diagonally: its own component
+                      [1, 0, 0, 1]], bool)[None]
+    labels = tw.label_components(masks)
+    assert (labels[~masks] == 0).all()
+    assert len(np.unique(labels[masks])) == 5
+    assert labels[0, 0, 0] == labels[0, 0, 1] == labels[0, 1, 1]
+
+
+def test_render_is_seeded_and_diverse():
+    prompt = "a photo of a red square"
+    assert torch.equal(tw.render("geneval", prompt, 3), tw.render("geneval", prompt, 3))
+    assert len({tw.render("geneval", prompt, seed).numpy().tobytes() for seed in range(8)}) == 8
+    ocr = {tw.render("ocr", 'a sign that says "K7T"', seed).numpy().tobytes() for seed in range(8)}
+    assert len(ocr) >= 4
+
+
+def test_font_is_legible_by_construction():
+    glyphs = tw.TEMPLATES.astype(bool)  # [A,5,3]
+    assert glyphs.any(1).all() and glyphs.any(2).all()  # every glyph touches all four sides of its box
+    assert min((a != b).sum() for a, b in itertools.combinations(glyphs, 2)) >= 4
+
+
+def test_splits_are_disjoint_and_sized():
+    for task in tw.TASKS:
+        train, test = tw.prompt_split(task, "train"), tw.prompt_split(task, "test")
+        assert len(set(train)) == len(train) and len(set(test)) == len(test)
+        assert not set(train) & set(test)
+    sizes = {task: (len(tw.prompt_split(task, "train")), len(tw.prompt_split(task, "test"))) for task in tw.TASKS}
+    assert sizes == {"geneval": (1384, 155), "ocr": (2000, 200), "quality": (2768, 200)}
+    ocr_strings = {split: {tw.parse_ocr(p) for p in tw.prompt_split("ocr", split)} for split in ("train", "test")}
+    assert not ocr_strings["train"] & ocr_strings["test"]
+    test_tags = {tw.parse_geneval(p).tag for p in tw.prompt_split("geneval", "test")}
+    assert test_tags == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    for split in ("train", "test"):  # quality prompts come from the same split of the other tasks
+        sources = {*tw.prompt_split("geneval", split), *tw.prompt_split("ocr", split)}
+        assert set(tw.prompt_split("quality", split)) <= sources
+
+
+def test_prompt_files_are_deterministic_and_parse_back(tmp_path):
+    paths = tw.write_prompt_files(tmp_path / "here")
+    script = Path(tw.__file__)
+    subprocess.run([sys.executable, script, "prompts", tmp_path / "fresh"], check=True, capture_output=True)
+    names = ["geneval_train.jsonl", "geneval_test.jsonl", "ocr_train.txt", "ocr_test.txt",
+             "quality_train.txt", "quality_test.txt"]
+    assert [p.name for p in paths] == names
+    for path in paths:
+        assert path.read_bytes() == (tmp_path / "fresh" / path.name).read_bytes()
+        lines = path.read_text().splitlines()
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in lines]
+            assert all(r == tw.geneval_metadata(tw.parse_geneval(r["prompt"])) for r in records)
+            assert [r["prompt"] for r in records] == tw.prompt_split("geneval", path.stem.split("_")[1])
+        else:
+            task, split = path.stem.split("_")
+            assert lines == tw.prompt_split(task, split)
+            assert all(tw.render(task, p).shape == (3, S, S) for p in lines[:50])
+
+
+def test_geneval_metadata_layout():
+    position = tw.geneval_metadata(tw.parse_geneval("a photo of a red square left of a blue circle"))
+    assert position == {"tag": "position", "include": [
+        {"class": "circle", "count": 1, "color": "blue"},
+        {"class": "square", "count": 1, "color": "red", "position": ["left of", 0]}],
+        "prompt": "a photo of a red square left of a blue circle"}
+    counting = tw.geneval_metadata(tw.parse_geneval("a photo of three green triangles"))
+    assert counting["include"] == [{"class": "triangle", "count": 3, "color": "green"}]
+    assert counting["exclude"] == [{"class": "triangle", "count": 4, "color": "green"}]
+
+
+def test_bad_inputs_raise_one_line_errors():
+    image = torch.ones(1, 3, S, S)
+    cases = [
+        (lambda: tw.score("pickscore", image, ["x"]), "known tasks: geneval, ocr, quality"),
+        (lambda: tw.render("aesthetic", "x"), "known tasks: geneval, ocr, quality"),
+        (lambda: tw.score("geneval", image, ["a photo of a dog"]), "'a photo of a dog' is not in the geneval"),
+        (lambda: tw.score("geneval", image, ["a photo of a red square"] * 2), "expected images [2,3,32,32]"),
+        (lambda: tw.score("ocr", image, ['a sign that says "AB"']), "is not in the ocr grammar"),  # A: not a glyph
+        (lambda: tw.render("ocr", 'a sign that says "K7T'), "is not in the ocr grammar"),
+        (lambda: tw.render("quality", "a cat"), "'a cat' is not in the quality"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError) as error:
+            call()
+        assert message in str(error.value) and "\n" not in str(error.value)
+    assert tw.score("quality", image, ["any prompt at all"]).item() == 0.0  # quality ignores its prompt
