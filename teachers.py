@@ -60,7 +60,12 @@ def _adapter_parameters(transformer, name: str):
 
 @contextmanager
 def use_adapter(transformer, name: str | None):
-    """Run the transformer with only adapter `name` active (BASE: none), then restore the student."""
+    """Run the transformer with only adapter `name` active (BASE: none), then restore the active adapters."""
+    if not getattr(transformer, "_hf_peft_config_loaded", False):               # a bare base: nothing to switch
+        assert name is BASE, f"no adapters loaded, cannot use {name!r}"
+        yield
+        return
+    previous = transformer.active_adapters()
     if name is BASE:
         transformer.disable_adapters()
     else:
@@ -69,7 +74,7 @@ def use_adapter(transformer, name: str | None):
         yield
     finally:
         transformer.enable_adapters()
-        transformer.set_adapter("student")
+        transformer.set_adapter(previous)
 
 
 def parse_teachers(spec: str) -> dict[str, Path]:

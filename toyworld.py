@@ -28,6 +28,7 @@ import functools
 import itertools
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -510,6 +511,271 @@ def write_prompt_files(folder: str | Path) -> list[Path]:
 
 
 # ====================================================================================================
+# The toy base: a small SD3 transformer in pixel space and a small text encoder
+# ====================================================================================================
+# Same classes and interface as a real base (models.Base): diffusers' SD3Transformer2DModel over 32x32
+# RGB "latents" x = 2 * image - 1 (decode is the identity map back to [0, 1]), conditioned on a tiny
+# transformer text encoder over the closed vocabulary of the toy prompts (a quoted string is read one
+# character a token). Pre-trained with the flow-matching loss (sft.py) on rendered ground truth, and
+# stopped early on purpose: the base must be mediocre at every task, leaving room to improve.
+
+TOY_DIR = Path(__file__).resolve().parent / "toy"
+MAX_TOKENS = 16
+SHIFT = 3.0                                                      # SD3.5-M's scheduler shift, kept for the toy
+TRANSFORMER_CONFIG = dict(sample_size=IMAGE_SIZE, patch_size=2, in_channels=3, out_channels=3, num_layers=4,
+                          attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
+                          caption_projection_dim=128, pooled_projection_dim=64, pos_embed_max_size=IMAGE_SIZE // 2,
+                          qk_norm="rms_norm")
+TEXT_WIDTH = 64
+# Training recipe for the toy world: applied by train.py when no --base is given, for flags not set.
+TRAIN_DEFAULTS = dict(images_per_iteration=32, group_size=4, micro_batch=16, optimizer_steps=1, iterations=30,
+                      rank=16, alpha=32.0, lr=1e-3, resolution=IMAGE_SIZE, save_every=10)
+
+
+@functools.cache
+def vocabulary() -> tuple[str, ...]:
+    """Special tokens, every word of every toy prompt, and the OCR alphabet (lower case)."""
+    words = {w for task in ("geneval", "ocr") for split in ("train", "test") for p in prompt_split(task, split)
+             for w in _words(p)}
+    return ("<pad>", "<bos>", "<unk>") + tuple(sorted(words | set(ALPHABET.lower()) | {'"'}))
+
+
+def _words(prompt: str) -> list[str]:
+    """'a sign that says "K7"' -> ['a', 'sign', 'that', 'says', '"', 'k', '7', '"']"""
+    tokens = []
+    for part, quoted in _split_quotes(prompt.lower()):
+        tokens += ['"', *part, '"'] if quoted else [part]
+    return tokens
+
+
+def _split_quotes(prompt: str) -> list[tuple[str, bool]]:
+    return [(m.group(1), True) if m.group(1) is not None else (m.group(2), False)
+            for m in re.finditer(r'"([^"]*)"|([^\s"]+)', prompt)]
+
+
+_warned_long = False
+
+
+def tokenize(prompts: list[str]) -> torch.Tensor:
+    """[B] prompts -> token ids [B, MAX_TOKENS]: <bos>, words (unknown ones <unk>), <pad>; long prompts truncated."""
+    return torch.tensor([_token_ids(p) for p in prompts], dtype=torch.long).view(len(prompts), MAX_TOKENS)
+
+
+@functools.lru_cache(maxsize=65536)
+def _token_ids(prompt: str) -> tuple[int, ...]:
+    global _warned_long
+    index = _vocabulary_index()
+    tokens = [1] + [index.get(w, 2) for w in _words(prompt)]
+    if len(tokens) > MAX_TOKENS and not _warned_long:
+        print(f"warning: toy prompt longer than {MAX_TOKENS} tokens is truncated: {prompt!r}", file=sys.stderr)
+        _warned_long = True
+    return tuple(tokens[:MAX_TOKENS] + [0] * (MAX_TOKENS - len(tokens)))
+
+
+@functools.cache
+def _vocabulary_index() -> dict[str, int]:
+    return {w: i for i, w in enumerate(vocabulary())}
+
+
+class TextEncoder(torch.nn.Module):
+    """Token ids [B, L] -> (embeds [B, L, joint_attention_dim], pooled [B, pooled_projection_dim])."""
+
+    def __init__(self, vocab_size: int, width: int = TEXT_WIDTH):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab_size, width)
+        self.position = torch.nn.Parameter(torch.randn(MAX_TOKENS, width) * 0.02)
+        layer = torch.nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.to_embeds = torch.nn.Linear(width, TRANSFORMER_CONFIG["joint_attention_dim"])
+        self.to_pooled = torch.nn.Linear(width, TRANSFORMER_CONFIG["pooled_projection_dim"])
+
+    def forward(self, ids):
+        pad = ids == 0                                                           # [B, L]
+        h = self.encoder(self.embed(ids) + self.position, src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).float()
+        pooled = (h * keep).sum(1) / keep.sum(1)                                 # mean over real tokens (<bos> always)
+        return self.to_embeds(h), self.to_pooled(pooled)
+
+
+def new_base_modules(seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(**TRANSFORMER_CONFIG), TextEncoder(len(vocabulary()))
+
+
+def to_latent(images: torch.Tensor) -> torch.Tensor:
+    return images * 2 - 1                                                        # [0, 1] -> [-1, 1]
+
+
+def decode(latents: torch.Tensor) -> torch.Tensor:
+    return ((latents.float() + 1) / 2).clamp(0, 1)                                # identity decode
+
+
+def make_base(transformer, text_encoder, name: str):
+    """Wrap toy modules as a models.Base (a fresh prompt cache: make a new one after the encoder changes)."""
+    from models import Base
+    device = next(transformer.parameters()).device
+
+    def encode_prompts(prompts):
+        return text_encoder(tokenize(prompts).to(device))
+
+    return Base(transformer, encode_prompts, decode, (3, IMAGE_SIZE, IMAGE_SIZE), SHIFT, name)
+
+
+def load_base(device, dtype=torch.float32, folder: Path = TOY_DIR, verify: bool = True):
+    """The shipped toy base (checksums verified against SHA256SUMS)."""
+    path = Path(folder) / "base.safetensors"
+    if verify:
+        verify_assets(folder, [path.name])
+    from safetensors.torch import load_file
+    state = load_file(path)
+    transformer, text_encoder = new_base_modules()
+    transformer.load_state_dict({k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")})
+    text_encoder.load_state_dict({k[len("text."):]: v for k, v in state.items() if k.startswith("text.")})
+    transformer.requires_grad_(False).eval()
+    text_encoder.requires_grad_(False).eval()
+    return make_base(transformer.to(device, dtype), text_encoder.to(device), f"toy:{file_sha256(path)[:16]}")
+
+
+def prompt_file(task: str, split: str, folder: Path = TOY_DIR) -> Path:
+    """The shipped prompt file of a toy task (train.py's default --prompts when no --base is given)."""
+    _check_task(task)
+    return Path(folder) / f"{task}_{split}.{'jsonl' if task == 'geneval' else 'txt'}"
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def verify_assets(folder: Path, names: list[str]) -> None:
+    """Check shipped files against SHA256SUMS; a clear error names a missing or corrupted one."""
+    sums = dict(line.split()[::-1] for line in (Path(folder) / "SHA256SUMS").read_text().splitlines() if line.strip()) \
+        if (Path(folder) / "SHA256SUMS").is_file() else {}
+    for name in names:
+        path = Path(folder) / name
+        if not path.is_file():
+            raise FileNotFoundError(f"toy asset missing: {path} (rebuild with `python toyworld.py build`)")
+        if name in sums and file_sha256(path) != sums[name]:
+            raise ValueError(f"toy asset corrupted: {path} does not match toy/SHA256SUMS "
+                             "(restore it with `git checkout toy/` or rebuild with `python toyworld.py build`)")
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building the toy world: prompt files, the pre-trained base, provisional SFT teachers
+# ----------------------------------------------------------------------------------------------------
+ATTENTION_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                     "attn.add_v_proj", "attn.to_add_out"]
+
+
+def render_dataset(task: str, prompts: list[str], copies: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """`copies` ground-truth renders of every prompt.  -> latents [N, 3, S, S] float16, prompts [N]"""
+    rng = np.random.default_rng(seed)
+    prompts = [p for p in prompts for _ in range(copies)]
+    return to_latent(torch.stack([render(task, p, rng) for p in prompts])).half(), prompts
+
+
+def measure(base, prompts_by_task: dict[str, list[str]], steps: int = 40, guidance: float = 4.5):
+    """Mean reward per task of ODE samples (seed i for prompt i), as evaluate.py computes it.
+    -> ({task: mean}, {task: first 8 images})"""
+    from evaluate import generate
+    from train import sample_seed
+    means, firsts = {}, {}
+    for task, prompts in prompts_by_task.items():
+        with torch.no_grad():
+            images = generate(base, prompts, [sample_seed(0, i) for i in range(len(prompts))], steps, guidance, 256)
+        means[task], firsts[task] = round(score(task, images, prompts).mean().item(), 4), images[:8]
+    return means, firsts
+
+
+def pretrain_base(data, probe, device, max_steps: int, every: int, target: float, batch: int, lr: float, log,
+                  samples_png: Path) -> tuple:
+    """Flow-matching pre-training of transformer + text encoder (AdamW, linear warm-up), stopped at the first
+    check where every probed task (train prompts) reaches `target`: a deliberately under-trained base."""
+    from evaluate import save_grid
+    from sft import train_flow_matching
+    transformer, text = (m.to(device) for m in new_base_modules())
+    params = [*transformer.parameters(), *text.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 200))
+    latents, prompts = (torch.cat([d[0] for d in data]).to(device), [p for d in data for p in d[1]])
+    encode = lambda ps: text(tokenize(ps).to(device))  # noqa: E731
+    for step in range(every, max_steps + 1, every):
+        loss = train_flow_matching(transformer, encode, latents, prompts, optimizer, every, batch, seed=step,
+                                   scheduler=warmup, desc="base")
+        scores, images = measure(make_base(transformer, text, "toy"), probe)
+        log({"stage": "base", "step": step, "loss": round(loss, 4), **scores})
+        save_grid({f"step {step}": images}, {t: (p, None) for t, p in probe.items()}, samples_png)
+        save_base(transformer, text, samples_png.parent / "base.safetensors")   # a kill keeps the latest check
+        if min(scores.values()) >= target:
+            break
+    return transformer.requires_grad_(False).eval(), text.requires_grad_(False).eval()
+
+
+def save_base(transformer, text, path: Path) -> None:
+    from safetensors.torch import save_file
+    state = {f"transformer.{k}": v.float().contiguous() for k, v in transformer.state_dict().items()}
+    state |= {f"text.{k}": v.float().contiguous() for k, v in text.state_dict().items()}
+    save_file(state, path)
+
+
+def train_sft_teacher(base, latents, prompts, steps: int, batch: int, seed: int):
+    """A provisional teacher: a LoRA (r=16, alpha=32) fitted by flow matching to one task's rendered data."""
+    from peft import LoraConfig
+    from merge_lora import lora_from_adapter
+    from sft import train_flow_matching
+    transformer = base.transformer
+    torch.manual_seed(seed)
+    transformer.add_adapter(LoraConfig(r=16, lora_alpha=32, init_lora_weights="gaussian",
+                                       target_modules=ATTENTION_TARGETS), adapter_name="sft")
+    params = [p for n, p in transformer.named_parameters() if ".sft." in n]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    train_flow_matching(transformer, base.encode, latents, prompts, optimizer, steps, batch, seed, desc="teacher")
+    return lora_from_adapter(transformer, "sft")
+
+
+def build(folder: Path, device, stages: tuple[str, ...], max_base_steps: int, teacher_steps: int, target: float,
+          batch: int, lr: float, probe_size: int, check_every: int, seed: int = 0) -> dict:
+    """Regenerate the toy assets into `folder`: stage "base" (prompt files, pre-trained base) and/or stage
+    "teachers" (provisional SFT teachers on the base found there). Appends to build.json; rewrites SHA256SUMS."""
+    import time
+    from merge_lora import save_lora
+    from teachers import add_adapter, use_adapter
+    folder, start = Path(folder), time.time()
+    folder.mkdir(parents=True, exist_ok=True)
+    record = json.loads((folder / "build.json").read_text()) if (folder / "build.json").is_file() else {"log": []}
+
+    def log(entry):
+        entry["seconds"] = round(time.time() - start, 1)
+        record["log"].append(entry)
+        print(json.dumps(entry), flush=True)
+
+    write_prompt_files(folder)
+    copies = {"geneval": 16, "ocr": 12, "quality": 8}
+    data = {task: render_dataset(task, prompt_split(task, "train"), copies[task], seed) for task in TASKS}
+    held_out = {task: prompt_split(task, "test") for task in TASKS}
+    if "base" in stages:
+        probe = {task: prompt_split(task, "train")[:probe_size] for task in ("geneval", "ocr")}
+        transformer, text = pretrain_base([data["geneval"], data["ocr"]], probe, device, max_base_steps, check_every,
+                                          target, batch, lr, log, folder / "base_samples.png")
+        log({"stage": "base test", **measure(make_base(transformer, text, "toy"), held_out)[0]})
+    if "teachers" in stages:
+        base = load_base(device, folder=folder, verify=False)
+        for task in TASKS:
+            lora = train_sft_teacher(base, *data[task], teacher_steps, batch, seed)
+            base.transformer.delete_adapters("sft")
+            save_lora(lora, folder / f"{task}.safetensors")
+            add_adapter(base.transformer, lora, f"teacher_{task}")
+            with use_adapter(base.transformer, f"teacher_{task}"):
+                log({"stage": f"teacher {task} test", **measure(base, held_out)[0]})
+    names = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".txt", ".jsonl"))
+    (folder / "SHA256SUMS").write_text("".join(f"{file_sha256(folder / n)}  {n}\n" for n in names))
+    (folder / "build.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+# ====================================================================================================
 # Command line
 # ====================================================================================================
 
@@ -531,7 +797,22 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("prompts", help="write the prompt split files").add_argument("folder")
     commands.add_parser("rewards", help="print mean rewards on ground truth / noise / blank")
+    build_cli = commands.add_parser("build", help="regenerate the toy assets: prompts, base, provisional teachers")
+    build_cli.add_argument("--out", default=str(TOY_DIR))
+    build_cli.add_argument("--stage", choices=("all", "base", "teachers"), default="all")
+    build_cli.add_argument("--max_base_steps", type=int, default=8000)
+    build_cli.add_argument("--teacher_steps", type=int, default=1000)
+    build_cli.add_argument("--target", type=float, default=0.2, help="stop pre-training once every task reaches this")
+    build_cli.add_argument("--batch", type=int, default=512)
+    build_cli.add_argument("--lr", type=float, default=1e-3)
+    build_cli.add_argument("--probe_size", type=int, default=128, help="train prompts a task scored at each check")
+    build_cli.add_argument("--check_every", type=int, default=500, help="pre-training steps between checks")
     args = parser.parse_args()
+    if args.command == "build":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        stages = ("base", "teachers") if args.stage == "all" else (args.stage,)
+        build(Path(args.out), device, stages, args.max_base_steps, args.teacher_steps, args.target, args.batch,
+              args.lr, args.probe_size, args.check_every)
     if args.command == "prompts":
         for path in write_prompt_files(args.folder):
             print(path, sum(1 for _ in path.open()))

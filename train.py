@@ -84,8 +84,17 @@ class Config:
 
 
 def parse_config(argv: list[str]) -> Config:
-    """`--field value` pairs (a bool flag alone means true); an unknown field is an error."""
-    types = {f.name: f.type for f in fields(Config)}
+    """Flags over the defaults; with no --base (the toy world) over toyworld.TRAIN_DEFAULTS, then the defaults."""
+    values = parse_flags(Config, argv)
+    if not values.get("base"):
+        import toyworld
+        values = toyworld.TRAIN_DEFAULTS | values
+    return Config(**values)
+
+
+def parse_flags(cls, argv: list[str]) -> dict:
+    """`--field value` pairs for the fields of dataclass `cls` (a bool flag alone means true); unknown = error."""
+    types = {f.name: f.type for f in fields(cls)}
     values, i = {}, 0
     while i < len(argv):
         name = argv[i].removeprefix("--").replace("-", "_")
@@ -97,7 +106,7 @@ def parse_config(argv: list[str]) -> Config:
         if i + 1 == len(argv):
             raise ValueError(f"flag --{name} needs a value")
         values[name], i = _convert(name, types[name], argv[i + 1]), i + 2
-    return Config(**values)
+    return values
 
 
 def _convert(name: str, kind, text: str):

@@ -49,6 +49,10 @@ def test_parse_config_types_bools_and_unknown_flags():
     cfg = parse_config(["--beta", "0.1", "--iterations", "3", "--detach_advantage", "--loss", "kl_only"])
     assert cfg.beta == 0.1 and cfg.iterations == 3 and cfg.detach_advantage is True and cfg.loss == "kl_only"
     assert Config().group_size == 16 and Config().guidance == 4.5 and Config().noise_level == 0.7
+    sd3 = parse_config(["--base", "sd3"])
+    assert sd3.images_per_iteration == 256 and sd3.lr == 1e-4                 # the paper's recipe for SD3 folders
+    toy = parse_config(["--lr", "0.5"])                                        # no --base: the toy recipe, flags win
+    assert toy.images_per_iteration == 32 and toy.lr == 0.5
     with pytest.raises(ValueError, match="unknown flag '--betta'"):
         parse_config(["--betta", "0.1"])
     with pytest.raises(ValueError, match="--iterations takes a int"):
