@@ -9,9 +9,9 @@ the first prompts of every row, captioned.
 "average" = mean over tasks of the task means, with the paper's normalisation of PickScore (/26) and DeQA
 (/5) for tasks of those names (the paper's "Average" of GenEval, OCR, DeQA/5, PickScore/26).
 
-Demo (toy world, no flags needed): python evaluate.py --lora opd=runs/opd/lora.safetensors
+Demo (toy world, no flags needed): python evaluate.py --lora opd=out/opd/lora.safetensors
 SD3.5-M: torchrun --nproc_per_node=8 evaluate.py --base sd3.5-medium --prompts ocr=ocr_test.txt \
-             --rewards ocr=ocr --lora flow_opd=runs/opd/lora.safetensors --out evals/opd
+             --rewards ocr=ocr --lora flow_opd=out/opd/lora.safetensors --out out/eval_opd
 """
 from dataclasses import dataclass
 import json
@@ -51,7 +51,7 @@ class EvalConfig:
     batch: int = 32                    # images per forward, per rank
     seed: int = 0
     grid: int = 8                      # grid columns: the first prompts of each task
-    out: str = "evals/latest"
+    out: str = "out/eval"
     skip_base: bool = False
 
 

@@ -103,14 +103,21 @@ def cfg_velocity(transformer, x, sigma, cond: Condition, guidance: float) -> tor
     """v = v_uncond + g (v_cond - v_uncond), uncond and cond rows in one call.  x: [B,C,H,W], sigma: [B] -> float32 [B,C,H,W]"""
     n = x.shape[0]
     dtype = transformer.dtype
-    v_uncond, v_cond = transformer(
-        hidden_states=torch.cat([x, x]).to(dtype),
-        timestep=(1000 * sigma).repeat(2).to(dtype),
-        encoder_hidden_states=torch.cat([cond.neg_embeds.expand(n, -1, -1), cond.embeds]).to(dtype),
-        pooled_projections=torch.cat([cond.neg_pooled.expand(n, -1), cond.pooled]).to(dtype),
-        return_dict=False,
-    )[0].float().chunk(2)
+    with autocast(transformer):
+        v_uncond, v_cond = transformer(
+            hidden_states=torch.cat([x, x]).to(dtype),
+            timestep=(1000 * sigma).repeat(2).to(dtype),
+            encoder_hidden_states=torch.cat([cond.neg_embeds.expand(n, -1, -1), cond.embeds]).to(dtype),
+            pooled_projections=torch.cat([cond.neg_pooled.expand(n, -1), cond.pooled]).to(dtype),
+            return_dict=False,
+        )[0].float().chunk(2)
     return v_uncond + guidance * (v_cond - v_uncond)
+
+
+def autocast(transformer):
+    """bf16 autocast when the base runs in bf16, so fp32 LoRA weights meet bf16 activations without fp32 copies
+    of every LoRA input (train.add_student turns peft's input casting off); a no-op for an fp32 base."""
+    return torch.autocast(transformer.device.type, dtype=transformer.dtype, enabled=transformer.dtype != torch.float32)
 
 
 def initial_noise(seeds: list[int], shape, steps: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,9 @@
-"""Flow-matching supervised fine-tuning: the SFT cold start of Flow-OPD, and the toy base's pre-training loss.
+"""Flow-matching supervised fine-tuning: the SFT cold start of Flow-OPD, and the toy world's pre-training.
+
+SFT cold start (Flow-OPD paper; absent from the authors' code): sample each teacher on its own task's
+prompts with the ODE (the evaluation settings), then train the student LoRA with L_FM on those samples:
+`train.py --algo sft` (train.sft_iteration: same config, data, routing, adapters, distributed loop and
+checkpoints as Flow-OPD), whose lora.safetensors is then `--init_lora` of the OPD run.
 
 Rectified-flow / SD3 objective (sigma runs 1 -> 0, x_sigma = (1 - sigma) x0 + sigma eps):
     L_FM = E_{x0, eps, sigma} || v_theta(x_sigma, sigma, c) - (eps - x0) ||^2
@@ -8,17 +13,19 @@ Demo: python toyworld.py build   (pre-trains the toy base and its provisional te
 """
 import torch
 
-from sde_sampler import Condition
+from sde_sampler import Condition, autocast
 
 
 def flow_matching_loss(transformer, x0, cond: Condition, sigma, noise) -> torch.Tensor:
-    """mean || v(x_sigma) - (eps - x0) ||^2, conditional rows only (no CFG).  x0, noise: [B,C,H,W]; sigma: [B]"""
+    """|| v(x_sigma) - (eps - x0) ||^2 per sample, mean over elements; conditional rows only (no CFG).
+    x0, noise: [B,C,H,W]; sigma: [B] -> [B]"""
     s = sigma.view(-1, 1, 1, 1)
     x_sigma = (1 - s) * x0 + s * noise                                          # x_sigma = (1 - sigma) x0 + sigma eps
-    v = transformer(hidden_states=x_sigma.to(transformer.dtype), timestep=(1000 * sigma).to(transformer.dtype),
-                    encoder_hidden_states=cond.embeds.to(transformer.dtype),
-                    pooled_projections=cond.pooled.to(transformer.dtype), return_dict=False)[0]
-    return (v.float() - (noise - x0)).pow(2).mean()                            # target v = eps - x0
+    with autocast(transformer):
+        v = transformer(hidden_states=x_sigma.to(transformer.dtype), timestep=(1000 * sigma).to(transformer.dtype),
+                        encoder_hidden_states=cond.embeds.to(transformer.dtype),
+                        pooled_projections=cond.pooled.to(transformer.dtype), return_dict=False)[0]
+    return (v.float() - (noise - x0)).pow(2).flatten(1).mean(1)                 # target v = eps - x0
 
 
 def train_flow_matching(transformer, encode, latents, prompts, optimizer, steps: int, batch_size: int, seed: int,
@@ -39,7 +46,7 @@ def train_flow_matching(transformer, encode, latents, prompts, optimizer, steps:
         sigma = torch.sigmoid(torch.randn(batch_size, generator=device_generator, device=device))
         noise = torch.randn(x0.shape, generator=device_generator, device=device)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            loss = flow_matching_loss(transformer, x0, Condition(embeds, pooled, None, None), sigma, noise)
+            loss = flow_matching_loss(transformer, x0, Condition(embeds, pooled, None, None), sigma, noise).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -22,7 +22,7 @@ import torch
 from peft import LoraConfig
 
 from merge_lora import LoRA, load_lora
-from sde_sampler import Condition, cfg_velocity
+from sde_sampler import Condition, cfg_velocity, sample_ode
 
 BASE = None   # adapter "name" of the bare base model
 
@@ -121,3 +121,15 @@ def target_velocities(transformer, adapters: list, states, sigmas, cond: Conditi
                 velocity[part] = cfg_velocity(transformer, rows_x[part], rows_sigma[part],
                                               cond[rows_sample[part]], guidance)
     return velocity.view(steps, batch, *states.shape[2:])
+
+
+@torch.no_grad()
+def teacher_samples(transformer, adapters: list, x0, sigmas, cond: Condition, guidance: float) -> torch.Tensor:
+    """ODE samples of each sample's adapter (the SFT cold start's data), one pass per adapter present.
+    adapters: [B]; x0: [B, C, H, W] noise at sigma = 1 -> float32 [B, C, H, W] at sigma = 0"""
+    samples = torch.empty_like(x0, dtype=torch.float32)
+    for name in dict.fromkeys(adapters):
+        rows = torch.tensor([i for i, a in enumerate(adapters) if a == name], device=x0.device)
+        with use_adapter(transformer, name):
+            samples[rows] = sample_ode(transformer, cond[rows], x0[rows], sigmas, guidance)
+    return samples

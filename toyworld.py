@@ -528,7 +528,7 @@ TRANSFORMER_CONFIG = dict(sample_size=IMAGE_SIZE, patch_size=2, in_channels=3, o
                           qk_norm="rms_norm")
 TEXT_WIDTH = 64
 # Training recipe for the toy world: applied by train.py when no --base is given, for flags not set.
-TRAIN_DEFAULTS = dict(images_per_iteration=32, group_size=4, micro_batch=16, optimizer_steps=1, iterations=30,
+TRAIN_DEFAULTS = dict(images_per_iteration=16, group_size=2, micro_batch=8, optimizer_steps=2, iterations=20,
                       rank=16, alpha=32.0, lr=1e-3, resolution=IMAGE_SIZE, save_every=10)
 
 

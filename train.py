@@ -1,6 +1,6 @@
 """Multi-teacher on-policy distillation (Flow-OPD) of a flow-matching text-to-image model. torchrun entry point.
 
-One iteration, top to bottom (see `train_iteration`):
+One iteration, top to bottom (see `opd_iteration`):
   1. sample task-tagged prompts (the same global list on every rank; each rank takes its slice), encode them
   2. roll out the student's SDE (no grad), storing x_j, x_{j+1} and log pi_old          (sde_sampler.py)
   3. at every stored state, the velocity of the sample's routed teacher and of the anchor (no grad,
@@ -12,7 +12,7 @@ Batch sizes are global and divided by the world size. Only rank 0 writes. One co
 processes (NCCL on GPU, gloo on CPU); a plain `python train.py` runs as a world of one.
 
 Run:  torchrun --nproc_per_node=8 train.py --base sd3.5-medium --teachers ocr=ocr_lora,geneval=geneval_lora \
-          --prompts ocr=dataset/ocr/train.txt,geneval=dataset/geneval/train_metadata.jsonl --out runs/opd
+          --prompts ocr=dataset/ocr/train.txt,geneval=dataset/geneval/train_metadata.jsonl --out out/opd_sd35m
 """
 from dataclasses import asdict, dataclass, fields
 import json
@@ -35,7 +35,8 @@ from merge_lora import LoRAFileError, load_lora, lora_from_adapter, save_lora
 from models import load_base
 from opd_loss import LOSSES, kl_weights, step_kl
 from sde_sampler import cfg_velocity, gaussian_log_prob, initial_noise, rollout, sde_mean, sde_scale, transition_std
-from teachers import add_adapter, load_teachers, parse_teachers, route, target_velocities
+from sft import flow_matching_loss
+from teachers import add_adapter, load_teachers, parse_teachers, route, target_velocities, teacher_samples
 
 SD3_ATTENTION = "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,attn.to_add_out"
 
@@ -51,6 +52,7 @@ class Config:
     init_lora: str = ""                # student start (e.g. merge_lora.py output); "" = fresh LoRA, B = 0
     lora_alpha: float = 0.0            # alpha for LoRA files that carry none (0: the file must carry it)
     # the objective
+    algo: str = "opd"                  # opd | sft (cold start: flow matching on teacher samples)
     loss: str = "gkd"                  # gkd | kl_only
     kl_weighting: str = "reference"    # reference | exact
     beta: float = 0.04                 # MAR weight
@@ -63,6 +65,7 @@ class Config:
     noise_level: float = 0.7           # a
     guidance: float = 4.5              # CFG scale g
     max_sequence_length: int = 128     # T5 tokens
+    sft_sample_steps: int = 40         # --algo sft: ODE steps of the teacher samples (the evaluation settings)
     # batch (global; divided by the world size)
     images_per_iteration: int = 256
     group_size: int = 16               # images per prompt
@@ -75,10 +78,13 @@ class Config:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
+    # speed (same math)
+    grad_checkpointing: bool = False   # recompute activations in backward: far less memory, ~1.4x slower steps
+    compile: bool = False              # torch.compile each transformer block
     # run
     iterations: int = 100
     seed: int = 0
-    out: str = "runs/opd"
+    out: str = "out/opd"
     overwrite: bool = False
     save_every: int = 10
 
@@ -181,6 +187,13 @@ def all_reduce_mean(tensors: list[torch.Tensor]) -> None:
         offset += t.numel()
 
 
+def clock(device) -> float:
+    """Seconds, after the device's queued work is done (phase timings on GPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def sample_seed(*parts: int) -> int:
     """A 63-bit seed from (seed, iteration[, image index]): identical on every rank and world size."""
     value = 0
@@ -262,11 +275,17 @@ def add_student(transformer, cfg: Config) -> list[torch.nn.Parameter]:
     for p in params:
         p.data = p.data.float()
         p.requires_grad_(True)
+    for module in transformer.modules():                                       # fp32 LoRA on a bf16 base: autocast
+        if hasattr(module, "cast_input_dtype_enabled"):                        # (sde_sampler.autocast), not an fp32
+            module.cast_input_dtype_enabled = False                            # copy of each LoRA input per layer
     return params
 
 
-def setup(cfg: Config, rank: int, world: int, device: torch.device) -> Run:
+def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -> Run:
+    """Validate, load the base (or take `base`, e.g. bench.py's), teachers, anchor and student; write the record."""
     local = check_batch(cfg, world)
+    if cfg.algo not in ALGOS:
+        raise ValueError(f"unknown --algo {cfg.algo!r}: use one of {sorted(ALGOS)}")
     if cfg.loss not in LOSSES:
         raise ValueError(f"unknown --loss {cfg.loss!r}: use one of {sorted(LOSSES)}")
     teachers, prompts, weights = resolve_data(cfg)
@@ -274,12 +293,13 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device) -> Run:
     if (out / "config.json").exists() and not cfg.overwrite:
         raise ValueError(f"--out {out} holds another run; choose another --out or pass --overwrite")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    base = load_base(cfg.base, device, dtype, cfg.resolution, cfg.max_sequence_length)
+    base = base or load_base(cfg.base, device, dtype, cfg.resolution, cfg.max_sequence_length)
     alpha = cfg.lora_alpha or None
     routes = load_teachers(base.transformer, teachers, alpha)
     anchor = load_anchor(base.transformer, cfg.anchor, alpha)
     torch.manual_seed(cfg.seed)                                                # the same fresh LoRA on every rank
     params = add_student(base.transformer, cfg)
+    speed_up(base.transformer, cfg)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     options = {"clip_range": cfg.clip_range, "detach_advantage": cfg.detach_advantage} if cfg.loss == "kl_only" else {}
     loss_fn = lambda *terms: LOSSES[cfg.loss](*terms, beta=cfg.beta, **options)  # noqa: E731
@@ -295,6 +315,17 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device) -> Run:
         write_record(cfg, out, base.name, world)
     return Run(cfg, rank, world, device, base, routes, anchor, prompts, weights, params, optimizer, loss_fn,
                kl_w, sigmas, local)
+
+
+def speed_up(transformer, cfg: Config) -> None:
+    """Options that change speed and memory, never the math: gradient checkpointing (recompute each block's
+    activations in the backward pass) and regional torch.compile of the transformer blocks."""
+    if cfg.grad_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if cfg.compile:
+        torch._dynamo.config.cache_size_limit = 64          # one graph per block kind x adapter x grad mode x shape
+        for block in transformer.transformer_blocks:
+            block.compile()
 
 
 def write_record(cfg: Config, out: Path, base_name: str, world: int) -> None:
@@ -324,47 +355,82 @@ class MicroBatch:
     v_anchor: torch.Tensor              # [J, b, C, H, W]
 
 
-def train_iteration(run: Run, iteration: int) -> dict:
-    cfg, base, transformer = run.cfg, run.base, run.base.transformer
-    # 1. this rank's slice of the global batch: whole groups, one seed per image
+def local_batch(run: Run, iteration: int) -> tuple[list[tuple[str, str]], list[int]]:
+    """This rank's slice of the iteration's global batch: whole groups of (task, prompt), one seed per image."""
+    cfg = run.cfg
     groups = sample_groups(run.prompts, run.weights, cfg.images_per_iteration // cfg.group_size,
                            sample_seed(cfg.seed, iteration))
     first = run.rank * run.local_images
     mine = [g for g in groups for _ in range(cfg.group_size)][first: first + run.local_images]
-    seeds = [sample_seed(cfg.seed, iteration, first + i) for i in range(run.local_images)]
-    timer = {"rollout": 0.0, "targets": 0.0, "train": 0.0}
+    return mine, [sample_seed(cfg.seed, iteration, first + i) for i in range(run.local_images)]
+
+
+def opd_iteration(run: Run, iteration: int) -> dict:
+    """One Flow-OPD iteration (module docstring, steps 1-5)."""
+    cfg, base, transformer = run.cfg, run.base, run.base.transformer
+    # 1. this rank's slice of the global batch
+    mine, seeds = local_batch(run, iteration)
+    timer = {"rollout": 0.0, "targets": 0.0, "train": 0.0, "optimizer": 0.0}
 
     # 2-3. student rollouts (no grad), then teacher and anchor velocities at the stored states
     batches = []
     for start in range(0, run.local_images, cfg.micro_batch):
         tasks, prompts = zip(*mine[start: start + cfg.micro_batch])
-        t0 = time.perf_counter()
+        t0 = clock(run.device)
         cond = base.condition(list(prompts))
         x0, noise = initial_noise(seeds[start: start + cfg.micro_batch], base.latent_shape, cfg.steps, run.device)
         traj = rollout(transformer, cond, x0, noise, run.sigmas, cfg.noise_level, cfg.guidance)
-        t1 = time.perf_counter()
+        t1 = clock(run.device)
         states, sigmas = traj.x[: cfg.train_steps], run.sigmas[: cfg.train_steps]
         v_teacher = target_velocities(transformer, route(tasks, run.routes), states, sigmas, cond, cfg.guidance,
                                       cfg.micro_batch)
         v_anchor = target_velocities(transformer, [run.anchor] * len(tasks), states, sigmas, cond, cfg.guidance,
                                      cfg.micro_batch)
         timer["rollout"] += t1 - t0
-        timer["targets"] += time.perf_counter() - t1
+        timer["targets"] += clock(run.device) - t1
         batches.append(MicroBatch(list(tasks), cond, traj.x, traj.log_prob, v_teacher, v_anchor))
 
     # 4-5. for each optimizer step: every micro-batch, every trained step j: student forward with grad, loss, backward
     stats = Stats(list(run.prompts), run.device)
     per_step = len(batches) // cfg.optimizer_steps
-    t0 = time.perf_counter()
     for k in range(cfg.optimizer_steps):
+        t0 = clock(run.device)
         for batch in batches[k * per_step: (k + 1) * per_step]:
             for j in range(cfg.train_steps):
                 loss, kl_teacher, kl_anchor = step_loss(run, batch, j)
                 (loss / (per_step * cfg.train_steps)).backward()
-                stats.add(batch.tasks, loss, kl_teacher, kl_anchor)
+                stats.add(batch.tasks, loss=loss.detach().expand(len(batch.tasks)), kl_teacher=kl_teacher,
+                          kl_anchor=kl_anchor)
+        t1 = clock(run.device)
         stats.grad_norm += optimizer_step(run)
-    timer["train"] = time.perf_counter() - t0
+        timer["train"] += t1 - t0
+        timer["optimizer"] += clock(run.device) - t1
     return stats.summary(cfg.optimizer_steps) | {f"seconds_{k}": v for k, v in timer.items()}
+
+
+def sft_iteration(run: Run, iteration: int) -> dict:
+    """SFT cold start (paper sec. 3.2; not in the authors' code): each prompt's routed teacher samples it with
+    the ODE (evaluation settings, --sft_sample_steps), then the student takes L_FM on those samples (sft.py)."""
+    cfg, base, transformer = run.cfg, run.base, run.base.transformer
+    mine, seeds = local_batch(run, iteration)
+    sigmas = base.sigmas(cfg.sft_sample_steps)
+    stats = Stats(list(run.prompts), run.device)
+    per_step = run.local_images // cfg.optimizer_steps // cfg.micro_batch
+    for k in range(cfg.optimizer_steps):
+        for start in range(k * per_step * cfg.micro_batch, (k + 1) * per_step * cfg.micro_batch, cfg.micro_batch):
+            tasks, prompts = zip(*mine[start: start + cfg.micro_batch])
+            cond = base.condition(list(prompts))
+            noise, draws = initial_noise(seeds[start: start + cfg.micro_batch], base.latent_shape, 2, run.device)
+            x0 = teacher_samples(transformer, route(tasks, run.routes), noise, sigmas, cond, cfg.guidance)
+            sigma = torch.sigmoid(draws[1].flatten(1)[:, 0])                   # logit-normal sigma, per sample
+            loss = flow_matching_loss(transformer, x0, cond, sigma, draws[0])   # [b]
+            (loss.mean() / per_step).backward()
+            stats.add(tasks, loss=loss.detach())
+        stats.grad_norm += optimizer_step(run)
+    return stats.summary(cfg.optimizer_steps)
+
+
+ALGOS = {"opd": opd_iteration, "sft": sft_iteration}
 
 
 def step_loss(run: Run, batch: MicroBatch, j: int):
@@ -395,26 +461,32 @@ def optimizer_step(run: Run) -> float:
 
 
 class Stats:
-    """Sums of the loss and per-task KLs over this iteration, averaged over ranks at the end."""
+    """Per-sample metric sums, overall and per task, over one iteration; averaged over ranks at the end."""
 
     def __init__(self, tasks: list[str], device):
-        self.tasks, self.grad_norm = tasks, 0.0
-        self.sums = torch.zeros(3 + 2 * len(tasks), dtype=torch.float64, device=device)
+        self.tasks, self.device, self.grad_norm = tasks, device, 0.0
+        self.sums: dict[str, torch.Tensor] = {}                                 # name -> [1 + tasks]: all, per task
+        self.counts = torch.zeros(1 + len(tasks), dtype=torch.float64, device=device)
 
-    def add(self, tasks, loss, kl_teacher, kl_anchor):
-        n = len(tasks)
-        self.sums[:3] += torch.stack([loss.detach() * n, kl_anchor.detach().sum(), torch.tensor(n, device=loss.device)])
-        for i, task in enumerate(tasks):
-            k = 3 + 2 * self.tasks.index(task)
-            self.sums[k: k + 2] += torch.stack([kl_teacher[i].detach(), torch.ones((), device=loss.device)])
+    def add(self, tasks, **values):
+        """values: name -> per-sample tensor [b] for samples of `tasks` [b]."""
+        column = torch.tensor([1 + self.tasks.index(t) for t in tasks], device=self.device)
+        for name, value in values.items():
+            sums = self.sums.setdefault(name, torch.zeros_like(self.counts))
+            sums[0] += value.detach().double().sum()
+            sums.index_add_(0, column, value.detach().double())
+        self.counts[0] += len(tasks)
+        self.counts.index_add_(0, column, torch.ones(len(tasks), dtype=torch.float64, device=self.device))
 
     def summary(self, optimizer_steps: int) -> dict:
-        dist.all_reduce(self.sums)
-        total = self.sums.tolist()
-        out = {"loss": total[0] / total[2], "kl_anchor": total[1] / total[2], "grad_norm": self.grad_norm / optimizer_steps}
-        for i, task in enumerate(self.tasks):
-            s, n = total[3 + 2 * i: 5 + 2 * i]
-            out[f"kl_teacher/{task}"] = s / n if n else None           # task absent this iteration
+        names = list(self.sums)
+        table = torch.stack([self.counts, *(self.sums[n] for n in names)])
+        dist.all_reduce(table)
+        counts, out = table[0].tolist(), {"grad_norm": self.grad_norm / optimizer_steps}
+        for name, sums in zip(names, table[1:].tolist()):
+            out[name] = sums[0] / counts[0]
+            for i, task in enumerate(self.tasks):
+                out[f"{name}/{task}"] = sums[1 + i] / counts[1 + i] if counts[1 + i] else None   # None: task absent
         return out
 
 
@@ -433,11 +505,12 @@ def main(argv: list[str]) -> None:
     rank, world, device = setup_distributed()
     try:
         run = setup(cfg, rank, world, device)
+        iterate = ALGOS[cfg.algo]
         progress = tqdm(range(1, cfg.iterations + 1), disable=rank != 0, desc="flow-opd", dynamic_ncols=True)
         for iteration in progress:
-            t0 = time.perf_counter()
-            metrics = train_iteration(run, iteration)
-            seconds = time.perf_counter() - t0
+            t0 = clock(device)
+            metrics = iterate(run, iteration)
+            seconds = clock(device) - t0
             metrics |= {"iteration": iteration, "seconds": seconds, "images_per_s": cfg.images_per_iteration / seconds}
             if rank == 0:
                 with open(Path(cfg.out) / "metrics.jsonl", "a") as f:

@@ -11,6 +11,7 @@ import torch
 
 from conftest import ROOT, random_lora, write_peft
 from merge_lora import load_lora, save_lora
+import toyworld
 from sde_sampler import Condition, cfg_velocity
 from teachers import add_adapter
 from train import Config, parse_config
@@ -52,7 +53,7 @@ def test_parse_config_types_bools_and_unknown_flags():
     sd3 = parse_config(["--base", "sd3"])
     assert sd3.images_per_iteration == 256 and sd3.lr == 1e-4                 # the paper's recipe for SD3 folders
     toy = parse_config(["--lr", "0.5"])                                        # no --base: the toy recipe, flags win
-    assert toy.images_per_iteration == 32 and toy.lr == 0.5
+    assert toy.images_per_iteration == toyworld.TRAIN_DEFAULTS["images_per_iteration"] and toy.lr == 0.5
     with pytest.raises(ValueError, match="unknown flag '--betta'"):
         parse_config(["--betta", "0.1"])
     with pytest.raises(ValueError, match="--iterations takes a int"):
@@ -88,13 +89,11 @@ def test_torchrun_trains_and_writes_a_checkpoint_diffusers_loads(sd3_folder, dat
 
 
 def test_only_student_lora_parameters_receive_gradients(sd3_folder, data, tmp_path):
-    from train import Run, setup, setup_distributed, step_loss, train_iteration  # noqa: F401
-    import torch.distributed as dist
-    from teachers import load_teachers
     from models import load_base
+    from teachers import load_teachers
+    from train import add_student, resolve_data
     base = load_base(str(sd3_folder), "cpu", torch.float32, 16)
     cfg = parse_config(common(sd3_folder, data, tmp_path / "g"))
-    from train import add_student, resolve_data
     teachers, _, _ = resolve_data(cfg)
     load_teachers(base.transformer, teachers)
     params = add_student(base.transformer, cfg)
