@@ -34,6 +34,7 @@ TINY = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_laye
             num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
             pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
 TOKENS = 205
+LATENT = {"sd35m": 64, "tiny": 8}      # latent side: 512 px / VAE factor 8 (the config's sample_size 128 is 1024 px)
 TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
            "attn.add_v_proj", "attn.to_add_out")
 # name: (micro_batch, grad_checkpointing, compile)
@@ -41,7 +42,7 @@ CONFIGS = {"eager b8": (8, False, False), "eager b16 ckpt": (16, True, False), "
            "compiled b16 ckpt": (16, True, True), "compiled b8": (8, False, True)}
 
 
-def random_base(config: dict, device, dtype, seed: int = 0) -> Base:
+def random_base(config: dict, device, dtype, latent: int, seed: int = 0) -> Base:
     """The transformer with random weights; prompt embeddings drawn from a seed per prompt (real shapes)."""
     from diffusers import SD3Transformer2DModel
     torch.manual_seed(seed)
@@ -54,8 +55,7 @@ def random_base(config: dict, device, dtype, seed: int = 0) -> Base:
         embeds = torch.stack([torch.randn(TOKENS, dim, generator=g) for g in rows])
         return embeds.to(device, dtype), torch.stack([torch.randn(pooled, generator=g) for g in rows]).to(device, dtype)
 
-    size = config["sample_size"]
-    return Base(transformer, encode, lambda x: x, (config["in_channels"], size, size), 3.0, "random-sd3")
+    return Base(transformer, encode, lambda x: x, (config["in_channels"], latent, latent), 3.0, "random-sd3")
 
 
 def random_lora(transformer, seed: int, rank: int = 32, alpha: float = 64.0) -> LoRA:
@@ -113,20 +113,20 @@ def count_flops(run) -> dict:
     batch = MicroBatch(["ocr"], cond, traj.x, traj.log_prob, v_teacher, v_anchor)
     with FlopCounterMode(display=False) as counter:
         for j in range(cfg.train_steps):
-            step_loss(run, batch, j)[0].backward()
+            step_loss(run, batch, j)[0].mean().backward()
     flops["train"] = counter.get_total_flops()
     run.optimizer.zero_grad(set_to_none=True)
     return flops
 
 
-def teacher_precision_ratio(model_config: dict, device, micro_batch: int, folder: Path) -> dict:
+def teacher_precision_ratio(model_config: dict, latent: int, device, micro_batch: int, folder: Path) -> dict:
     """Seconds of one teacher pass (9 steps, CFG) with the base in fp32/TF32 (the authors' teachers) vs bf16."""
     from merge_lora import load_lora
     from teachers import add_adapter
     torch.backends.cuda.matmul.allow_tf32 = True
     seconds = {}
     for name, dtype in (("bf16", torch.bfloat16), ("fp32_tf32", torch.float32)):
-        base = random_base(model_config, device, dtype)
+        base = random_base(model_config, device, dtype, latent)
         add_adapter(base.transformer, load_lora(folder / "ocr.safetensors"), "teacher_ocr")
         c, h, w = base.latent_shape
         states = torch.randn(9, micro_batch, c, h, w, device=device)
@@ -143,18 +143,22 @@ def teacher_precision_ratio(model_config: dict, device, micro_batch: int, folder
     return seconds | {"fp32_over_bf16": seconds["fp32_tf32"] / seconds["bf16"]}
 
 
-def bench_config(name: str, model_config: dict, inputs: dict, device, iterations: int, images: int, out: Path,
+def bench_config(name: str, model_config: dict, latent: int, inputs: dict, device, iterations: int, images: int,
                  flops: bool) -> dict:
     micro_batch, checkpointing, compiled = CONFIGS[name]
-    base = random_base(model_config, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    base = random_base(model_config, device, torch.bfloat16 if device.type == "cuda" else torch.float32, latent)
     cfg = Config(base="random-sd3", **inputs, images_per_iteration=images, group_size=4, optimizer_steps=1,
                  micro_batch=micro_batch, grad_checkpointing=checkpointing, compile=compiled,
                  out=str(Path(inputs["anchor"]).parent / name.replace(" ", "_")), overwrite=True,
-                 resolution=model_config["sample_size"] * 8)
+                 resolution=latent * 8)
     try:
         return measure_config(setup(cfg, 0, 1, device, base=base), name, images, iterations, flops)
     except torch.OutOfMemoryError as error:
-        return {"config": name, "error": f"out of memory: {str(error)[:200]}"}
+        import traceback
+        ours = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_tb(error.__traceback__)
+                if Path(f.filename).parent == Path(__file__).parent]
+        return {"config": name, "error": f"out of memory at {' < '.join(reversed(ours[-3:]))}: {str(error)[:160]}",
+                "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
     finally:
         del base
         gc.collect()
@@ -169,18 +173,23 @@ def measure_config(run, name: str, images: int, iterations: int, flops: bool) ->
     start = time.perf_counter()
     opd_iteration(run, 0)                                                      # warm-up (and compilation)
     warmup = time.perf_counter() - start
+    print(f"{name}: warm-up iteration {warmup:.1f} s", flush=True)
     rows = []
     for iteration in range(1, iterations + 1):
         start = time.perf_counter()
         metrics = opd_iteration(run, iteration)
         torch.cuda.synchronize() if device.type == "cuda" else None
         rows.append(metrics | {"seconds": time.perf_counter() - start})
+        print(f"{name}: iteration {iteration} {rows[-1]['seconds']:.1f} s", flush=True)
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("seconds", "seconds_rollout", "seconds_targets",
                                                                "seconds_train", "seconds_optimizer")}
     result = {"config": name, "micro_batch": micro_batch, "checkpointing": checkpointing, "compile": compiled,
               "warmup_s": warmup, "images_per_s": images / mean["seconds"], **mean,
-              "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")}
-    result["flops"] = count_flops(run) if flops else None
+              "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan"), "flops": None}
+    if flops:
+        start = time.perf_counter()
+        result["flops"] = count_flops(run)
+        print(f"{name}: FLOPs counted in {time.perf_counter() - start:.1f} s", flush=True)
     return result
 
 
@@ -194,21 +203,25 @@ def main() -> None:
     parser.add_argument("--out", default="out/bench")
     args = parser.parse_args()
     _, _, device = setup_distributed()                                         # a world of one, as train.py
-    model_config, out = (TINY if args.tiny else SD35M), Path(args.out)
+    model_config, latent = (TINY, LATENT["tiny"]) if args.tiny else (SD35M, LATENT["sd35m"])
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    import diffusers
+    import peft
     record = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+              "diffusers": diffusers.__version__, "peft": peft.__version__,
               "matmul_peak_tflops": matmul_peak(device) / 1e12, "configs": []}
     print(json.dumps(record), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        inputs = write_inputs(Path(tmp), random_base(model_config, "meta", torch.float32).transformer)  # shapes only
+        inputs = write_inputs(Path(tmp), random_base(model_config, "meta", torch.float32, latent).transformer)  # shapes only
         for name in args.configs.split(","):
             counted = any(c.get("flops") for c in record["configs"])
-            result = bench_config(name, model_config, inputs, device, args.iterations, args.images, out, not counted)
+            result = bench_config(name, model_config, latent, inputs, device, args.iterations, args.images, not counted)
             record["configs"].append(result)
             print(json.dumps(result), flush=True)
             (out / "bench.json").write_text(json.dumps(record, indent=2))
         if not args.skip_precision:
-            record["teacher_precision"] = teacher_precision_ratio(model_config, device, 8, Path(tmp))
+            record["teacher_precision"] = teacher_precision_ratio(model_config, latent, device, 8, Path(tmp))
             print(json.dumps(record["teacher_precision"]), flush=True)
     flops = next(c["flops"] for c in record["configs"] if c.get("flops"))
     record["tflop_per_image"] = {k: v / 1e12 for k, v in flops.items()} | {"total": sum(flops.values()) / 1e12}

@@ -49,20 +49,21 @@ def step_kl(v_student, v_target, w):
 
 
 def gkd_loss(kl_teacher, kl_anchor, log_prob, log_prob_old, beta: float):
-    """L = mean [K(S, T) + beta K(S, A)].  all: [B] -> scalar (log-probs unused)"""
-    return (kl_teacher + beta * kl_anchor).mean()
+    """Per-sample L_i = K_i(S, T) + beta K_i(S, A); the batch loss is their mean.  all: [B] -> [B] (log-probs unused)"""
+    return kl_teacher + beta * kl_anchor
 
 
 def kl_only_loss(kl_teacher, kl_anchor, log_prob, log_prob_old, beta: float,
                  clip_range: float = 1e-4, detach_advantage: bool = False):
-    """L = mean max(-adv ratio, -adv clip(ratio)) + beta mean K(S, A), adv = -min(K(S, T), 5).  all: [B] -> scalar"""
+    """Per-sample L_i = max(-adv_i r_i, -adv_i clip(r_i)) + beta K_i(S, A), adv_i = -min(K_i(S, T), 5); the batch
+    loss is their mean.  all: [B] -> [B]"""
     advantage = -torch.clamp(kl_teacher, max=5.0)                               # adv_ij = -min(K_ij, 5)
     if detach_advantage:
         advantage = advantage.detach()
     ratio = torch.exp(log_prob - log_prob_old)                                  # pi_theta / pi_old, per sample
     clipped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
     policy = torch.maximum(-advantage * ratio, -advantage * clipped)           # PPO clip (a minimum of gains)
-    return policy.mean() + beta * kl_anchor.mean()
+    return policy + beta * kl_anchor
 
 
 LOSSES = {"gkd": gkd_loss, "kl_only": kl_only_loss}

@@ -101,8 +101,7 @@ def _bcast(t, like):
 
 def cfg_velocity(transformer, x, sigma, cond: Condition, guidance: float) -> torch.Tensor:
     """v = v_uncond + g (v_cond - v_uncond), uncond and cond rows in one call.  x: [B,C,H,W], sigma: [B] -> float32 [B,C,H,W]"""
-    n = x.shape[0]
-    dtype = transformer.dtype
+    n, dtype = x.shape[0], base_weight(transformer).dtype
     with autocast(transformer):
         v_uncond, v_cond = transformer(
             hidden_states=torch.cat([x, x]).to(dtype),
@@ -114,10 +113,17 @@ def cfg_velocity(transformer, x, sigma, cond: Condition, guidance: float) -> tor
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
+def base_weight(transformer) -> torch.Tensor:
+    """The patch embedding's weight: its dtype and device are the base's.  (diffusers' `transformer.dtype` and
+    `.device` walk every submodule on each call, tens of ms per forward with LoRA adapters attached.)"""
+    return transformer.pos_embed.proj.weight
+
+
 def autocast(transformer):
     """bf16 autocast when the base runs in bf16, so fp32 LoRA weights meet bf16 activations without fp32 copies
     of every LoRA input (train.add_student turns peft's input casting off); a no-op for an fp32 base."""
-    return torch.autocast(transformer.device.type, dtype=transformer.dtype, enabled=transformer.dtype != torch.float32)
+    weight = base_weight(transformer)
+    return torch.autocast(weight.device.type, dtype=weight.dtype, enabled=weight.dtype != torch.float32)
 
 
 def initial_noise(seeds: list[int], shape, steps: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ Demo: python toyworld.py build   (pre-trains the toy base and its provisional te
 """
 import torch
 
-from sde_sampler import Condition, autocast
+from sde_sampler import Condition, autocast, base_weight
 
 
 def flow_matching_loss(transformer, x0, cond: Condition, sigma, noise) -> torch.Tensor:
@@ -21,10 +21,11 @@ def flow_matching_loss(transformer, x0, cond: Condition, sigma, noise) -> torch.
     x0, noise: [B,C,H,W]; sigma: [B] -> [B]"""
     s = sigma.view(-1, 1, 1, 1)
     x_sigma = (1 - s) * x0 + s * noise                                          # x_sigma = (1 - sigma) x0 + sigma eps
+    dtype = base_weight(transformer).dtype
     with autocast(transformer):
-        v = transformer(hidden_states=x_sigma.to(transformer.dtype), timestep=(1000 * sigma).to(transformer.dtype),
-                        encoder_hidden_states=cond.embeds.to(transformer.dtype),
-                        pooled_projections=cond.pooled.to(transformer.dtype), return_dict=False)[0]
+        v = transformer(hidden_states=x_sigma.to(dtype), timestep=(1000 * sigma).to(dtype),
+                        encoder_hidden_states=cond.embeds.to(dtype), pooled_projections=cond.pooled.to(dtype),
+                        return_dict=False)[0]
     return (v.float() - (noise - x0)).pow(2).flatten(1).mean(1)                 # target v = eps - x0
 
 

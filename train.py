@@ -71,6 +71,7 @@ class Config:
     group_size: int = 16               # images per prompt
     optimizer_steps: int = 2           # per iteration
     micro_batch: int = 8               # images per forward, per rank
+    target_batch: int = 0              # (state, image) rows per no-grad teacher/anchor forward; 0 = micro_batch
     # student LoRA and optimiser
     rank: int = 32
     alpha: float = 64.0
@@ -382,10 +383,9 @@ def opd_iteration(run: Run, iteration: int) -> dict:
         traj = rollout(transformer, cond, x0, noise, run.sigmas, cfg.noise_level, cfg.guidance)
         t1 = clock(run.device)
         states, sigmas = traj.x[: cfg.train_steps], run.sigmas[: cfg.train_steps]
-        v_teacher = target_velocities(transformer, route(tasks, run.routes), states, sigmas, cond, cfg.guidance,
-                                      cfg.micro_batch)
-        v_anchor = target_velocities(transformer, [run.anchor] * len(tasks), states, sigmas, cond, cfg.guidance,
-                                     cfg.micro_batch)
+        rows = cfg.target_batch or cfg.micro_batch
+        v_teacher = target_velocities(transformer, route(tasks, run.routes), states, sigmas, cond, cfg.guidance, rows)
+        v_anchor = target_velocities(transformer, [run.anchor] * len(tasks), states, sigmas, cond, cfg.guidance, rows)
         timer["rollout"] += t1 - t0
         timer["targets"] += clock(run.device) - t1
         batches.append(MicroBatch(list(tasks), cond, traj.x, traj.log_prob, v_teacher, v_anchor))
@@ -397,10 +397,9 @@ def opd_iteration(run: Run, iteration: int) -> dict:
         t0 = clock(run.device)
         for batch in batches[k * per_step: (k + 1) * per_step]:
             for j in range(cfg.train_steps):
-                loss, kl_teacher, kl_anchor = step_loss(run, batch, j)
-                (loss / (per_step * cfg.train_steps)).backward()
-                stats.add(batch.tasks, loss=loss.detach().expand(len(batch.tasks)), kl_teacher=kl_teacher,
-                          kl_anchor=kl_anchor)
+                loss, kl_teacher, kl_anchor = step_loss(run, batch, j)                 # each [b]
+                (loss.mean() / (per_step * cfg.train_steps)).backward()
+                stats.add(batch.tasks, loss=loss, kl_teacher=kl_teacher, kl_anchor=kl_anchor)
         t1 = clock(run.device)
         stats.grad_norm += optimizer_step(run)
         timer["train"] += t1 - t0

@@ -59,7 +59,7 @@ def test_both_losses_are_zero_with_zero_gradient_when_student_equals_teacher():
     v_teacher = torch.randn(3, 4, 6, 6)
     for loss_fn in (gkd_loss, kl_only_loss):
         v_student, kl, log_prob = _student_terms(8, v_teacher, noise_scale=-1.0)
-        loss = loss_fn(kl, torch.zeros(3), log_prob, log_prob.detach(), beta=0.04)
+        loss = loss_fn(kl, torch.zeros(3), log_prob, log_prob.detach(), beta=0.04).mean()
         loss.backward()
         assert loss.item() == 0 and v_student.grad.abs().max().item() == 0
 
@@ -68,9 +68,9 @@ def test_kl_only_at_ratio_one_equals_gkd_value_and_gradient():
     v_teacher = torch.randn(3, 4, 6, 6)
     v_student, kl, log_prob = _student_terms(7, v_teacher, noise_scale=1.0)
     kl_anchor = kl.detach() * 0.5
-    gkd = gkd_loss(kl, kl_anchor, log_prob, log_prob.detach(), beta=0.04)
+    gkd = gkd_loss(kl, kl_anchor, log_prob, log_prob.detach(), beta=0.04).mean()
     grad_gkd, = torch.autograd.grad(gkd, v_student, retain_graph=True)
-    ppo = kl_only_loss(kl, kl_anchor, log_prob, log_prob.detach(), beta=0.04)
+    ppo = kl_only_loss(kl, kl_anchor, log_prob, log_prob.detach(), beta=0.04).mean()
     grad_ppo, = torch.autograd.grad(ppo, v_student, retain_graph=True)
     assert torch.allclose(ppo, gkd)
     # the pathwise part equals gkd's gradient; the rest is the score-function term mean(K * d log pi)
@@ -81,10 +81,10 @@ def test_kl_only_at_ratio_one_equals_gkd_value_and_gradient():
 def test_detached_advantage_leaves_no_gradient_toward_the_teacher():
     v_teacher = torch.randn(3, 4, 6, 6)
     v_student, kl, log_prob = _student_terms(6, v_teacher, noise_scale=0.0)  # x_next = mean: d log pi / d v = 0
-    detached = kl_only_loss(kl, torch.zeros(3), log_prob, log_prob.detach(), beta=0.0, detach_advantage=True)
+    detached = kl_only_loss(kl, torch.zeros(3), log_prob, log_prob.detach(), beta=0.0, detach_advantage=True).mean()
     grad, = torch.autograd.grad(detached, v_student, retain_graph=True)
     assert detached.item() > 0 and grad.abs().max().item() == 0
-    attached = kl_only_loss(kl, torch.zeros(3), log_prob, log_prob.detach(), beta=0.0)
+    attached = kl_only_loss(kl, torch.zeros(3), log_prob, log_prob.detach(), beta=0.0).mean()
     grad_attached, = torch.autograd.grad(attached, v_student)
     assert grad_attached.abs().max().item() > 0
 
@@ -93,7 +93,7 @@ def test_kl_only_clip_stops_the_ratio_gradient_below_the_range():
     kl = torch.tensor([0.5, 0.5])
     log_prob_old = torch.zeros(2)
     log_prob = torch.tensor([0.01, -0.01], requires_grad=True)             # ratios e^{+-0.01}, outside 1 +- 1e-4
-    loss = kl_only_loss(kl, torch.zeros(2), log_prob, log_prob_old, beta=0.0)
+    loss = kl_only_loss(kl, torch.zeros(2), log_prob, log_prob_old, beta=0.0).mean()
     grad, = torch.autograd.grad(loss, log_prob)
     # above the range the unclipped term K * ratio is the max; below it the clipped constant K (1 - eps) wins
     assert torch.allclose(grad[0], 0.5 * torch.exp(torch.tensor(0.01)) / 2) and grad[1].item() == 0
