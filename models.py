@@ -13,6 +13,7 @@ Demo: python -c "import models; b = models.load_base('path/to/sd3.5-medium', 'cu
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+import sys
 from typing import Callable
 
 import torch
@@ -59,6 +60,16 @@ class Base:
         return next(self.transformer.parameters()).device
 
 
+def too_long(pipe, prompt: str, max_sequence_length: int) -> bool:
+    """Whether a text encoder of the pipeline would truncate `prompt`."""
+    def count(tokenizer, limit: int) -> int:                        # capped at limit + 1: no tokenizer warning
+        return len(tokenizer(prompt, truncation=True, max_length=limit + 1).input_ids)
+    clip_limit = pipe.tokenizer.model_max_length
+    if count(pipe.tokenizer, clip_limit) > clip_limit:
+        return True
+    return pipe.tokenizer_3 is not None and count(pipe.tokenizer_3, max_sequence_length) > max_sequence_length
+
+
 def load_base(path: str, device, dtype=torch.float32, resolution: int = 512, max_sequence_length: int = 128) -> Base:
     """An SD3 folder (`path`), or the toy world when `path` is empty."""
     if not path:
@@ -84,9 +95,24 @@ def load_sd3(path: str, device, dtype, resolution: int, max_sequence_length: int
     if resolution % (vae_scale * pipe.transformer.config.patch_size):
         raise ValueError(f"--resolution {resolution} must be a multiple of {vae_scale * pipe.transformer.config.patch_size}")
 
+    warned = []
+
     def encode_prompts(prompts):
-        embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device, do_classifier_free_guidance=False,
-                                                  max_sequence_length=max_sequence_length)
+        long = [p for p in prompts if too_long(pipe, p, max_sequence_length)]
+        if long and not warned:                                     # one warning a run, not diffusers' one per call
+            warned.append(long[0])
+            print(f"warning: prompts longer than CLIP's {pipe.tokenizer.model_max_length} or T5's {max_sequence_length} "
+                  f"tokens are truncated (first: {long[0][:60]!r}...)", file=sys.stderr, flush=True)
+        levels = [(log, log.get_verbosity()) for log in (diffusers_logging, transformers_logging)]
+        for log, _ in levels:
+            log.set_verbosity_error()
+        try:
+            embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device,
+                                                      do_classifier_free_guidance=False,
+                                                      max_sequence_length=max_sequence_length)
+        finally:
+            for log, level in levels:
+                log.set_verbosity(level)
         return embeds, pooled
 
     def decode(latents):

@@ -7,9 +7,11 @@ One iteration, top to bottom (see `opd_iteration`):
      one pass per adapter)                                                              (teachers.py, mar.py)
   4. for each trained step j: student CFG forward with grad, K_j to teacher and anchor, the loss
      (gkd or kl_only), backward                                                         (opd_loss.py)
-  5. all-reduce the LoRA gradients, clip, AdamW step; log; checkpoint
+  5. all-reduce the LoRA gradients, clip, AdamW step (skipped on every rank when the gradient is not
+     finite); log; checkpoint (checkpoint.py: atomic, resumable with --resume)
 Batch sizes are global and divided by the world size. Only rank 0 writes. One code path for 1..N
-processes (NCCL on GPU, gloo on CPU); a plain `python train.py` runs as a world of one.
+processes (NCCL on GPU, gloo on CPU); a plain `python train.py` runs as a world of one. SIGTERM or
+SIGINT (Ctrl-C) ends the current iteration, writes a checkpoint and exits 0.
 
 Run:  torchrun --nproc_per_node=8 train.py --base sd3.5-medium --teachers ocr=ocr_lora,geneval=geneval_lora \
           --prompts ocr=dataset/ocr/train.txt,geneval=dataset/geneval/train_metadata.jsonl --out out/opd_sd35m
@@ -18,7 +20,9 @@ from dataclasses import asdict, dataclass, fields
 import json
 import os
 from pathlib import Path
+import math
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -30,8 +34,9 @@ import torch.distributed as dist
 from peft import LoraConfig
 from tqdm import tqdm
 
+import checkpoint
 from mar import load_anchor
-from merge_lora import LoRAFileError, load_lora, lora_from_adapter, save_lora
+from merge_lora import LoRAFileError, load_lora
 from models import load_base
 from opd_loss import LOSSES, kl_weights, step_kl
 from sde_sampler import cfg_velocity, gaussian_log_prob, initial_noise, rollout, sde_mean, sde_scale, transition_std
@@ -86,8 +91,11 @@ class Config:
     iterations: int = 100
     seed: int = 0
     out: str = "out/opd"
-    overwrite: bool = False
+    overwrite: bool = False            # start afresh in an --out that holds a run (its checkpoints are deleted)
+    resume: bool = False               # go on from --out's newest checkpoint (or start, if it has none)
     save_every: int = 10
+    keep: int = 3                      # checkpoints kept (0 = all)
+    max_bad_steps: int = 3             # abort after this many non-finite optimizer steps in a row
 
 
 def parse_config(argv: list[str]) -> Config:
@@ -223,6 +231,8 @@ class Run:
     kl_w: torch.Tensor                  # [T] per-step KL weights
     sigmas: torch.Tensor                # [T+1]
     local_images: int                   # images per rank per iteration
+    identity: dict                      # what a checkpoint must match to continue this run (checkpoint.py)
+    bad_steps: int = 0                  # non-finite optimizer steps in a row
 
 
 def check_batch(cfg: Config, world: int) -> int:
@@ -236,6 +246,8 @@ def check_batch(cfg: Config, world: int) -> int:
                          f"x micro-batches of --micro_batch {cfg.micro_batch}")
     if not 0 < cfg.train_steps <= cfg.steps:
         raise ValueError(f"--train_steps {cfg.train_steps} must be in 1..--steps {cfg.steps}")
+    if cfg.iterations < 1:
+        raise ValueError(f"--iterations {cfg.iterations}: give at least 1")
     return local
 
 
@@ -291,8 +303,9 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
         raise ValueError(f"unknown --loss {cfg.loss!r}: use one of {sorted(LOSSES)}")
     teachers, prompts, weights = resolve_data(cfg)
     out = Path(cfg.out)
-    if (out / "config.json").exists() and not cfg.overwrite:
-        raise ValueError(f"--out {out} holds another run; choose another --out or pass --overwrite")
+    if (out / "config.json").exists() and not (cfg.overwrite or cfg.resume):
+        raise ValueError(f"--out {out} holds another run; choose another --out, or pass --resume or --overwrite")
+    checkpoint.check_out(out)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = base or load_base(cfg.base, device, dtype, cfg.resolution, cfg.max_sequence_length)
     alpha = cfg.lora_alpha or None
@@ -300,6 +313,8 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
     anchor = load_anchor(base.transformer, cfg.anchor, alpha)
     torch.manual_seed(cfg.seed)                                                # the same fresh LoRA on every rank
     params = add_student(base.transformer, cfg)
+    n_params = sum(p.numel() for p in params)
+    checkpoint.check_out(out, need_bytes=(max(cfg.keep, 1) + 1) * 4 * 4 * n_params)   # fp32 LoRA, 2 moments, export
     speed_up(base.transformer, cfg)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     options = {"clip_range": cfg.clip_range, "detach_advantage": cfg.detach_advantage} if cfg.loss == "kl_only" else {}
@@ -307,7 +322,6 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
     sigmas = base.sigmas(cfg.steps).to(device)
     kl_w = kl_weights(sigmas, cfg.noise_level, cfg.kl_weighting)
     if rank == 0:
-        n_params = sum(p.numel() for p in params)
         print(f"batch: {cfg.images_per_iteration} images/iteration = {world} ranks x {local} "
               f"({local // cfg.group_size} prompts x {cfg.group_size}); {cfg.optimizer_steps} optimizer steps of "
               f"{local // cfg.optimizer_steps} images/rank in micro-batches of {cfg.micro_batch}; "
@@ -315,7 +329,7 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
               f"teachers: {routes}; anchor: {anchor or 'base'}", flush=True)
         write_record(cfg, out, base.name, world)
     return Run(cfg, rank, world, device, base, routes, anchor, prompts, weights, params, optimizer, loss_fn,
-               kl_w, sigmas, local)
+               kl_w, sigmas, local, checkpoint.identity(cfg, base.name, teachers))
 
 
 def speed_up(transformer, cfg: Config) -> None:
@@ -330,8 +344,12 @@ def speed_up(transformer, cfg: Config) -> None:
 
 
 def write_record(cfg: Config, out: Path, base_name: str, world: int) -> None:
-    """config.json (resolved config, git sha, world size); an empty metrics.jsonl."""
+    """config.json (resolved config, git sha, world size); an empty metrics.jsonl (kept on --resume);
+    --overwrite deletes the earlier run's checkpoints."""
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite and not cfg.resume:
+        for old in (out / "checkpoints").glob("*"):
+            old.unlink()
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
@@ -340,7 +358,8 @@ def write_record(cfg: Config, out: Path, base_name: str, world: int) -> None:
     record = {"config": asdict(cfg), "git_sha": sha, "base": base_name, "world_size": world,
               "torch": torch.__version__}
     (out / "config.json").write_text(json.dumps(record, indent=2))
-    (out / "metrics.jsonl").write_text("")
+    if not (cfg.resume and (out / "metrics.jsonl").exists()):
+        (out / "metrics.jsonl").write_text("")
 
 
 # ----------------------------------------------------------------------------------------- one iteration
@@ -394,17 +413,18 @@ def opd_iteration(run: Run, iteration: int) -> dict:
     stats = Stats(list(run.prompts), run.device)
     per_step = len(batches) // cfg.optimizer_steps
     for k in range(cfg.optimizer_steps):
-        t0 = clock(run.device)
+        t0, loss_sum = clock(run.device), torch.zeros((), device=run.device)
         for batch in batches[k * per_step: (k + 1) * per_step]:
             for j in range(cfg.train_steps):
                 loss, kl_teacher, kl_anchor = step_loss(run, batch, j)                 # each [b]
                 (loss.mean() / (per_step * cfg.train_steps)).backward()
                 stats.add(batch.tasks, loss=loss, kl_teacher=kl_teacher, kl_anchor=kl_anchor)
+                loss_sum += loss.detach().sum()
         t1 = clock(run.device)
-        stats.grad_norm += optimizer_step(run)
+        stats.norms.append(optimizer_step(run, loss_sum))
         timer["train"] += t1 - t0
         timer["optimizer"] += clock(run.device) - t1
-    return stats.summary(cfg.optimizer_steps) | {f"seconds_{k}": v for k, v in timer.items()}
+    return stats.summary() | {f"seconds_{k}": v for k, v in timer.items()}
 
 
 def sft_iteration(run: Run, iteration: int) -> dict:
@@ -416,6 +436,7 @@ def sft_iteration(run: Run, iteration: int) -> dict:
     stats = Stats(list(run.prompts), run.device)
     per_step = run.local_images // cfg.optimizer_steps // cfg.micro_batch
     for k in range(cfg.optimizer_steps):
+        loss_sum = torch.zeros((), device=run.device)
         for start in range(k * per_step * cfg.micro_batch, (k + 1) * per_step * cfg.micro_batch, cfg.micro_batch):
             tasks, prompts = zip(*mine[start: start + cfg.micro_batch])
             cond = base.condition(list(prompts))
@@ -425,8 +446,9 @@ def sft_iteration(run: Run, iteration: int) -> dict:
             loss = flow_matching_loss(transformer, x0, cond, sigma, draws[0])   # [b]
             (loss.mean() / per_step).backward()
             stats.add(tasks, loss=loss.detach())
-        stats.grad_norm += optimizer_step(run)
-    return stats.summary(cfg.optimizer_steps)
+            loss_sum += loss.detach().sum()
+        stats.norms.append(optimizer_step(run, loss_sum))
+    return stats.summary()
 
 
 ALGOS = {"opd": opd_iteration, "sft": sft_iteration}
@@ -446,24 +468,35 @@ def step_loss(run: Run, batch: MicroBatch, j: int):
     return run.loss_fn(kl_teacher, kl_anchor, log_prob, batch.log_prob_old[j]), kl_teacher, kl_anchor
 
 
-def optimizer_step(run: Run) -> float:
-    """All-reduce the LoRA gradients (mean over ranks), clip, AdamW step. -> grad norm before clipping."""
+def optimizer_step(run: Run, loss_sum: torch.Tensor) -> float:
+    """All-reduce the LoRA gradients (mean over ranks), clip, AdamW step. -> grad norm before clipping.
+    Guard: `loss_sum` (this step's summed losses, scalar) rides in the same all-reduce; a non-finite loss or
+    gradient norm, identical on every rank after it, skips the step on all ranks together, and
+    --max_bad_steps in a row abort."""
     for p in run.params:
         if p.grad is None:                                                     # e.g. the last block's add_q_proj
             p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in run.params]
-    all_reduce_mean(grads)
-    norm = torch.nn.utils.clip_grad_norm_(run.params, run.cfg.grad_clip)
-    run.optimizer.step()
+    all_reduce_mean([p.grad for p in run.params] + [loss_sum.view(1)])
+    norm = float(torch.nn.utils.clip_grad_norm_(run.params, run.cfg.grad_clip))
+    run.bad_steps = 0 if math.isfinite(norm) and math.isfinite(float(loss_sum)) else run.bad_steps + 1
+    if run.bad_steps == 0:
+        run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    if run.bad_steps >= run.cfg.max_bad_steps:
+        raise Diverged(f"{run.bad_steps} optimizer steps in a row had a non-finite loss or gradient; lower --lr "
+                       f"(now {run.cfg.lr:g}) and go on from the last checkpoint with --resume")
+    return norm
+
+
+class Diverged(RuntimeError):
+    """Too many non-finite steps in a row (train.py exits 1; the last checkpoint is left as it was)."""
 
 
 class Stats:
     """Per-sample metric sums, overall and per task, over one iteration; averaged over ranks at the end."""
 
     def __init__(self, tasks: list[str], device):
-        self.tasks, self.device, self.grad_norm = tasks, device, 0.0
+        self.tasks, self.device, self.norms = tasks, device, []
         self.sums: dict[str, torch.Tensor] = {}                                 # name -> [1 + tasks]: all, per task
         self.counts = torch.zeros(1 + len(tasks), dtype=torch.float64, device=device)
 
@@ -477,11 +510,13 @@ class Stats:
         self.counts[0] += len(tasks)
         self.counts.index_add_(0, column, torch.ones(len(tasks), dtype=torch.float64, device=self.device))
 
-    def summary(self, optimizer_steps: int) -> dict:
+    def summary(self) -> dict:
         names = list(self.sums)
         table = torch.stack([self.counts, *(self.sums[n] for n in names)])
         dist.all_reduce(table)
-        counts, out = table[0].tolist(), {"grad_norm": self.grad_norm / optimizer_steps}
+        finite = [n for n in self.norms if math.isfinite(n)]
+        counts = table[0].tolist()
+        out = {"grad_norm": sum(finite) / len(finite) if finite else None, "skipped_steps": len(self.norms) - len(finite)}
         for name, sums in zip(names, table[1:].tolist()):
             out[name] = sums[0] / counts[0]
             for i, task in enumerate(self.tasks):
@@ -491,21 +526,41 @@ class Stats:
 
 # ----------------------------------------------------------------------------------------- main
 
-def save_checkpoint(run: Run, iteration: int) -> None:
+def resume(run: Run) -> int:
+    """--resume: load --out's newest checkpoint (checkpoint.load) and drop metrics logged after it. -> first iteration"""
     out = Path(run.cfg.out)
-    lora = lora_from_adapter(run.base.transformer, "student")
-    (out / "checkpoints").mkdir(exist_ok=True)
-    save_lora(lora, out / "checkpoints" / f"lora_{iteration:06d}.safetensors")
-    save_lora(lora, out / "lora.safetensors")
+    path = checkpoint.latest(out) if run.cfg.resume else None
+    if path is None:
+        if run.cfg.resume and run.rank == 0:
+            print(f"--resume: no checkpoint in {out}/checkpoints, starting at iteration 1", flush=True)
+        return 1
+    start = checkpoint.load(run, path, run.identity)
+    if run.rank == 0:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        kept = [line for line in lines if json.loads(line)["iteration"] < start]
+        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+        print(f"--resume: {path.name}, going on at iteration {start}", flush=True)
+    return start
+
+
+def stop_requested(flag: dict, device) -> bool:
+    """Whether any rank got SIGTERM/SIGINT (agreed by all ranks, so all checkpoint and stop together)."""
+    signalled = torch.tensor([float(flag["signal"] is not None)], device=device)
+    dist.all_reduce(signalled, op=dist.ReduceOp.MAX)
+    return bool(signalled.item())
 
 
 def main(argv: list[str]) -> None:
     cfg = parse_config(argv)
     rank, world, device = setup_distributed()
+    flag = {"signal": None}
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda signum, frame: flag.update(signal=signum))
     try:
         run = setup(cfg, rank, world, device)
-        iterate = ALGOS[cfg.algo]
-        progress = tqdm(range(1, cfg.iterations + 1), disable=rank != 0, desc="flow-opd", dynamic_ncols=True)
+        start, iterate = resume(run), ALGOS[cfg.algo]
+        progress = tqdm(range(start, cfg.iterations + 1), disable=rank != 0, desc=f"flow-{cfg.algo}",
+                        dynamic_ncols=True, initial=start - 1, total=cfg.iterations)
         for iteration in progress:
             t0 = clock(device)
             metrics = iterate(run, iteration)
@@ -515,8 +570,14 @@ def main(argv: list[str]) -> None:
                 with open(Path(cfg.out) / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
                 progress.set_postfix(loss=f"{metrics['loss']:.3g}", img_s=f"{metrics['images_per_s']:.1f}")
-                if iteration % cfg.save_every == 0 or iteration == cfg.iterations:
-                    save_checkpoint(run, iteration)
+            stop = stop_requested(flag, device)
+            if stop or iteration % cfg.save_every == 0 or iteration == cfg.iterations:
+                checkpoint.save(run, iteration, run.identity)
+            if stop:
+                if rank == 0:
+                    print(f"stopped by signal {flag['signal'] or 'on another rank'} after iteration {iteration}; "
+                          f"checkpoint written: go on with --resume", flush=True)
+                break
     finally:
         dist.destroy_process_group()
 
@@ -527,3 +588,6 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError, LoRAFileError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Diverged as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -149,7 +149,18 @@ BAD_INPUTS = {
     "empty prompt file": (lambda t, f, d: {"prompts": d["prompts"].replace(str(d["folder"] / "pick.txt"), str(empty(t)))},
                           "holds no prompts"),
     "batch not divisible": (lambda t, f, d: {"images_per_iteration": 6}, "not divisible by world size 1 x --group_size 4"),
+    "truncated safetensors": (lambda t, f, d: {"anchor": truncated(t, d)}, "cannot read LoRA .*truncated.safetensors"),
+    "unknown flag": (lambda t, f, d: {"learning_rate": 0.1}, "unknown flag '--learning_rate'"),
+    "zero iterations": (lambda t, f, d: {"iterations": 0}, "--iterations 0: give at least 1"),
+    "read-only out": (lambda t, f, d: {"out": "/sys/flow_opd_out"}, "--out /sys/flow_opd_out is not writable"),
 }
+
+
+def truncated(tmp_path: Path, data) -> Path:
+    teacher = Path(data["teachers"].split(",")[0].split("=")[1])                 # a peft folder or a file
+    whole = (teacher / "adapter_model.safetensors" if teacher.is_dir() else teacher).read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(whole[: len(whole) // 2])
+    return tmp_path / "truncated.safetensors"
 
 
 def write_foreign(tmp_path: Path) -> Path:
@@ -185,5 +196,21 @@ def test_out_holding_another_run_is_refused_and_untouched(sd3_folder, data, tmp_
     out.mkdir()
     (out / "config.json").write_text('{"config": "earlier run"}')
     result, _ = _bad(tmp_path, sd3_folder, data, out=out)
-    assert result.returncode != 0 and "holds another run; choose another --out or pass --overwrite" in result.stderr
+    assert result.returncode != 0 and "holds another run; choose another --out, or pass --resume or --overwrite" in result.stderr
     assert (out / "config.json").read_text() == '{"config": "earlier run"}'
+
+
+def test_world_size_not_dividing_the_batch_is_refused_on_every_rank(sd3_folder, data, tmp_path):
+    out = tmp_path / "out"
+    args = [*common(sd3_folder, data, out), "--images_per_iteration", "4", "--group_size", "4"]   # later flags win
+    result = run_train(args, nproc=2, check=False)                           # fine for 1 process, not for 2
+    assert result.returncode != 0 and "--images_per_iteration 4 is not divisible by world size 2 x --group_size 4" \
+        in result.stderr and not out.exists()
+
+
+def test_a_prompt_beyond_the_text_encoders_is_truncated_with_one_warning(sd3_folder, data, tmp_path):
+    long = " ".join(["a photo of a red cat on the left"] * 20)               # > 77 CLIP tokens
+    (tmp_path / "long.txt").write_text(f"{long}\n{long} dog\n")
+    prompts = data["prompts"].replace(str(data["folder"] / "pick.txt"), str(tmp_path / "long.txt"))
+    result = run_train([*common(sd3_folder, data, tmp_path / "out"), "--prompts", prompts, "--iterations", "2"])
+    assert result.stderr.count("are truncated") == 1 and "Token indices sequence length" not in result.stderr

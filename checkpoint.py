@@ -1,0 +1,166 @@
+"""Checkpoints: what a killed run needs to go on exactly, written so that none is ever half-written.
+
+`<out>/checkpoints/ckpt_<iteration>.pt` holds the student LoRA (fp32, by parameter name), the AdamW state,
+the iteration, every rank's RNG states, the data position and the run's identity (config, base, and the
+sha256 of every teacher / anchor / init LoRA file). The data position is the next iteration: each
+iteration's prompts and seeds are a pure function of (--seed, iteration) (train.local_batch), so nothing
+else about the data stream needs saving. Beside it, `lora_<iteration>.safetensors` and `<out>/lora.safetensors`
+(the latest) hold the student alone in the diffusers-loadable format (merge_lora.save_lora).
+
+Atomic: every file is written under a temporary name in the same folder, flushed to disk, then renamed, so a
+kill at any instant leaves the previous file or the new one under the final name, never a partial one. The
+last `--keep` checkpoints are kept. Only rank 0 writes; every rank sends it its RNG states.
+
+Resume (`train.py --resume`): the newest checkpoint of --out is loaded into the freshly built run. It is
+refused, naming each difference, when the base, a LoRA file, the student's shapes or a config field that
+changes the math differ; the fields in RESUMABLE may change (e.g. more --iterations).
+
+Demo: python -c "import checkpoint; print(checkpoint.latest(__import__('pathlib').Path('out/opd')))"
+"""
+from dataclasses import asdict
+import hashlib
+import os
+from pathlib import Path
+import shutil
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+from merge_lora import lora_from_adapter, save_lora
+
+# config fields that change neither the math nor the data stream: free to differ on --resume
+RESUMABLE = {"iterations", "out", "overwrite", "resume", "save_every", "keep", "max_bad_steps", "grad_checkpointing",
+             "compile", "target_batch"}
+
+
+def write_atomic(path: Path, write) -> None:
+    """write(file object) into a temporary file beside `path`, fsync, rename over `path`, fsync the folder."""
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(temporary, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def file_sha256(path: str) -> str:
+    path = Path(path)
+    path = path / "adapter_model.safetensors" if path.is_dir() else path
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def identity(cfg, base_name: str, teachers: dict) -> dict:
+    """What must be equal for a checkpoint to continue this run."""
+    files = {f"teacher {task}": str(path) for task, path in teachers.items()}
+    files |= {flag: getattr(cfg, flag) for flag in ("anchor", "init_lora") if getattr(cfg, flag)}
+    return {"base": base_name, "files": {name: file_sha256(path) for name, path in files.items()},
+            "config": {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}}
+
+
+def differences(saved: dict, now: dict) -> list[str]:
+    """Human-readable differences between two identities (empty: compatible)."""
+    found = [f"base {saved['base']} -> {now['base']}"] if saved["base"] != now["base"] else []
+    for name in sorted(saved["files"].keys() | now["files"].keys()):
+        if saved["files"].get(name) != now["files"].get(name):
+            found.append(f"{name} file {'changed' if name in saved['files'] and name in now['files'] else 'added or removed'}")
+    for key in sorted(saved["config"].keys() | now["config"].keys()):
+        if saved["config"].get(key) != now["config"].get(key):
+            found.append(f"--{key} {saved['config'].get(key)!r} -> {now['config'].get(key)!r}")
+    return found
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def student_state(transformer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in transformer.named_parameters() if ".student." in n}
+
+
+def save(run, iteration: int, identity_record: dict) -> Path | None:
+    """Write checkpoint `iteration` (rank 0), the LoRA exports, and prune to --keep. Collective: call on all ranks."""
+    states = [None] * run.world
+    dist.all_gather_object(states, rng_state())
+    if run.rank != 0:
+        return None
+    folder = Path(run.cfg.out) / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"iteration": iteration, "next_iteration": iteration + 1, "seed": run.cfg.seed,
+              "student": student_state(run.base.transformer), "optimizer": run.optimizer.state_dict(),
+              "rng": states, "world_size": run.world, "identity": identity_record}
+    path = folder / f"ckpt_{iteration:06d}.pt"
+    write_atomic(path, lambda f: torch.save(record, f))
+    lora = lora_from_adapter(run.base.transformer, "student")
+    save_lora(lora, folder / f"lora_{iteration:06d}.safetensors")
+    save_lora(lora, Path(run.cfg.out) / "lora.safetensors")
+    prune(folder, run.cfg.keep)
+    return path
+
+
+def prune(folder: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (and their LoRA exports); keep <= 0 keeps all."""
+    if keep <= 0:
+        return
+    for old in sorted(folder.glob("ckpt_*.pt"))[:-keep]:
+        old.unlink()
+        old.with_name(old.name.replace("ckpt_", "lora_").replace(".pt", ".safetensors")).unlink(missing_ok=True)
+
+
+def latest(out: Path) -> Path | None:
+    found = sorted((out / "checkpoints").glob("ckpt_*.pt"))
+    return found[-1] if found else None
+
+
+def load(run, path: Path, identity_record: dict) -> int:
+    """Restore the student, AdamW and this rank's RNG from `path`; refuse an incompatible one. -> next iteration"""
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:                                                  # truncated or not a checkpoint
+        raise ValueError(f"--resume: cannot read checkpoint {path}: {error}; delete it to resume from the one "
+                         "before") from None
+    found = differences(record["identity"], identity_record)
+    if found:
+        raise ValueError(f"--resume: {path} was made by a different run: {'; '.join(found)}")
+    params = dict(run.base.transformer.named_parameters())
+    for name, tensor in record["student"].items():
+        if name not in params or params[name].shape != tensor.shape:
+            raise ValueError(f"--resume: {path}: student parameter {name} {tuple(tensor.shape)} does not fit this run")
+    with torch.no_grad():
+        for name, tensor in record["student"].items():
+            params[name].copy_(tensor)
+    run.optimizer.load_state_dict(record["optimizer"])
+    if record["world_size"] == run.world:
+        set_rng_state(record["rng"][run.rank])
+    return record["next_iteration"]
+
+
+def check_out(out: Path, need_bytes: int = 0) -> None:
+    """Fail before training when --out cannot be written or lacks `need_bytes`; creates nothing that stays."""
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing))
+    except OSError as error:
+        raise ValueError(f"--out {out} is not writable ({error.strerror} in {existing}); choose another --out") from None
+    free = shutil.disk_usage(existing).free
+    if free < need_bytes:
+        raise ValueError(f"--out {out}: {free / 1e9:.2f} GB free, checkpoints need {need_bytes / 1e9:.2f} GB; "
+                         "free space or choose another --out")
