@@ -1,5 +1,9 @@
 """Evaluation: generate held-out prompts with the ODE sampler, score each task with its reward, one table.
 
+Defaults are the paper's SD3.5-M evaluation settings (used as they are when `--base` is an SD3 folder):
+40 Euler ODE steps, CFG g = 4.5 with the negative prompt "" (models.Base.condition), 512 px, T5 prompt
+length 128 tokens, the folder's scheduler shift (3.0). The toy world ignores resolution and T5 length.
+
 For each model row (the base, then each `--lora`), every task's test prompts are generated with the
 deterministic sampler (sde_sampler.sample_ode: Euler steps of the CFG velocity, 40 steps and g = 4.5 for
 SD3.5-M), one fixed seed per (prompt, image), sharded across torchrun ranks (rank r takes prompts r::N),
@@ -9,9 +13,28 @@ the first prompts of every row, captioned.
 "average" = mean over tasks of the task means, with the paper's normalisation of PickScore (/26) and DeQA
 (/5) for tasks of those names (the paper's "Average" of GenEval, OCR, DeQA/5, PickScore/26).
 
+`--layout t2i_compbench` writes images for T2I-CompBench's own scorers instead (BLIP-VQA, UniDet, CLIP,
+3-in-1; each reads `<category>/samples/`): one model per `--out` (the base, or `--skip_base` and one
+`--lora`), `{out}/{task}/samples/{prompt}_{k:05d}.png` for k < images_per_prompt (the benchmark wants
+`--images_per_prompt 10`), the task name being the category (color, shape, texture, spatial, non_spatial,
+complex). The prompt is the file name as is, as the benchmark's scripts parse it back (`name.split("_")[0]`):
+a prompt holding "/" or "_" or longer than 200 bytes is refused, not rewritten; a repeated prompt is
+generated once. Seeds come from (--seed, prompt index, k), so a shard, a rerun or a larger
+--images_per_prompt gives the same image for the same (prompt, k). Files that exist are skipped (resume);
+rank 0 lists the missing ones and each rank generates its share, writing each PNG atomically (a temp file
+next to samples/, then os.replace). `{out}/layout.json` records the settings; a rerun with other
+generation settings (base, LoRA, steps, guidance, resolution, T5 length, seed) is refused. Without
+`--rewards` there is no table; with them the written files are read back and scored as above.
+On CPU the files come out byte-identical across sharding and resume (tests/test_evaluate.py, tiny SD3);
+batched GPU kernels may round differently for another batch composition, so there a resumed run can
+differ from an uninterrupted one by a pixel level here and there.
+
 Demo (toy world, no flags needed): python evaluate.py --lora opd=out/opd/lora.safetensors
 SD3.5-M: torchrun --nproc_per_node=8 evaluate.py --base sd3.5-medium --prompts ocr=ocr_test.txt \
              --rewards ocr=ocr --lora flow_opd=out/opd/lora.safetensors --out out/eval_opd
+T2I-CompBench: torchrun --nproc_per_node=8 evaluate.py --base sd3.5-medium --layout t2i_compbench \
+             --prompts color=color_val.txt,spatial=spatial_val.txt --images_per_prompt 10 \
+             --skip_base --lora flow_opd=out/opd/lora.safetensors --out out/compbench_opd
 """
 from dataclasses import dataclass
 import json
@@ -26,12 +49,15 @@ from PIL import Image, ImageDraw
 
 from merge_lora import LoRAFileError, load_lora
 from models import load_base
-from rewards import make_reward
+from rewards import make_reward, to_tensor, to_uint8
 from sde_sampler import initial_noise, sample_ode
 from teachers import BASE, add_adapter, use_adapter
 from train import parse_flags, parse_pairs, read_prompts, sample_seed, setup_distributed
 
 NORMALISE = {"pickscore": 26.0, "deqa": 5.0}                   # the paper's Average divides these by their scale
+LAYOUTS = ("", "t2i_compbench")
+SAME_ON_RESUME = ("base", "lora", "lora_alpha", "skip_base", "steps", "guidance", "resolution", "max_sequence_length",
+                  "seed")
 
 
 @dataclass
@@ -46,13 +72,14 @@ class EvalConfig:
     guidance: float = 4.5
     resolution: int = 512
     max_sequence_length: int = 128
-    images_per_prompt: int = 1
+    images_per_prompt: int = 1         # T2I-CompBench wants 10
     max_prompts: int = 0               # per task; 0 = all
     batch: int = 32                    # images per forward, per rank
     seed: int = 0
     grid: int = 8                      # grid columns: the first prompts of each task
     out: str = "out/eval"
     skip_base: bool = False
+    layout: str = ""                   # "" = score and tabulate; t2i_compbench = image files for its scorers
 
 
 def generate(base, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch: int) -> torch.Tensor:
@@ -82,13 +109,68 @@ def evaluate_row(base, adapter, jobs: dict, rewards: dict, cfg: EvalConfig, rank
     means, grids = {}, {}
     for task, (prompts, seeds) in jobs.items():
         mine_p, mine_s = shard(prompts, rank, world), shard(seeds, rank, world)
-        with use_adapter(base.transformer, adapter):
-            images = generate(base, mine_p, mine_s, cfg.steps, cfg.guidance, cfg.batch)
+        if cfg.layout:                                        # score the files write_layout wrote or kept
+            files = shard(layout_files(Path(cfg.out), task, prompts, cfg.images_per_prompt), rank, world)
+            images = to_tensor([Image.open(f) for f in files]) if files else torch.empty(0)
+        else:
+            with use_adapter(base.transformer, adapter):
+                images = generate(base, mine_p, mine_s, cfg.steps, cfg.guidance, cfg.batch)
         scores = rewards[task](images, mine_p).tolist() if mine_p else []
         all_scores = gather(scores, world)
         means[task] = sum(all_scores) / len(all_scores)
         grids[task] = images[: max(1, cfg.grid // world)]
     return means, grids
+
+
+def layout_files(out: Path, task: str, prompts: list[str], images_per_prompt: int) -> list[Path]:
+    """The T2I-CompBench file of each image (prompts: one entry per image, k = i % images_per_prompt)."""
+    return [out / task / "samples" / f"{p}_{i % images_per_prompt:05d}.png" for i, p in enumerate(prompts)]
+
+
+def check_file_prompt(prompt: str, source: Path) -> None:
+    """The prompt is the file name as is, and T2I-CompBench's scripts read it back with name.split("_")[0]."""
+    if "/" in prompt or "_" in prompt or len(prompt.encode()) > 200:
+        raise ValueError(f"{source}: prompt {prompt[:60]!r} cannot name a T2I-CompBench file "
+                         "(it holds '/' or '_', or is longer than 200 bytes)")
+
+
+def check_layout_record(cfg: EvalConfig) -> None:
+    """A rerun into the same --out must make the same images as the files it keeps."""
+    path = Path(cfg.out) / "layout.json"
+    if path.is_file():
+        before = json.loads(path.read_text())["config"]
+        changed = [f"--{k}" for k in SAME_ON_RESUME if before.get(k) != getattr(cfg, k)]
+        if changed:
+            raise ValueError(f"{path} was written with another {', '.join(changed)}; choose another --out")
+
+
+def save_png(pixels, path: Path, tmp: Path) -> None:
+    """Atomic write: a killed run leaves whole PNGs or none (the temp file sits outside samples/)."""
+    Image.fromarray(pixels).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def write_layout(base, adapter, jobs: dict, cfg: EvalConfig, rank: int, world: int) -> tuple[int, int]:
+    """Generate the missing T2I-CompBench files, rank r the missing images r::N.  -> (generated, total), all ranks"""
+    generated = total = 0
+    for task, (prompts, seeds) in jobs.items():
+        files = layout_files(Path(cfg.out), task, prompts, cfg.images_per_prompt)
+        missing = [None]
+        if rank == 0:                                         # one listing, so every rank shards the same list
+            files[0].parent.mkdir(parents=True, exist_ok=True)
+            missing = [[i for i, f in enumerate(files) if not f.exists()]]
+        dist.broadcast_object_list(missing, 0)
+        mine = shard(missing[0], rank, world)
+        for start in range(0, len(mine), cfg.batch):         # write each batch: a kill loses at most one
+            chunk = mine[start: start + cfg.batch]
+            with use_adapter(base.transformer, adapter):
+                images = generate(base, [prompts[i] for i in chunk], [seeds[i] for i in chunk], cfg.steps,
+                                  cfg.guidance, cfg.batch)
+            for i, pixels in zip(chunk, to_uint8(images)):
+                save_png(pixels, files[i], files[i].parent.parent / f".partial_rank{rank}.png")
+        generated, total = generated + len(missing[0]), total + len(files)
+    dist.barrier()                                            # every file is there before any is read back
+    return generated, total
 
 
 def average(means: dict) -> float:
@@ -124,7 +206,9 @@ def save_grid(grids: dict, jobs: dict, path: Path) -> None:
 
 
 def resolve_jobs(cfg: EvalConfig) -> tuple[dict, dict]:
-    """-> jobs {task: (prompts, seeds)} and rewards {task: reward fn}."""
+    """-> jobs {task: (prompts, seeds)}, one entry per image, and rewards {task: reward fn} ({}: no scores)."""
+    if cfg.layout not in LAYOUTS:
+        raise ValueError(f"--layout {cfg.layout!r}: expected one of {', '.join(map(repr, LAYOUTS))}")
     files = {t: Path(f) for t, f in parse_pairs(cfg.prompts, "prompts").items()}
     if not files:
         if cfg.base:
@@ -132,36 +216,58 @@ def resolve_jobs(cfg: EvalConfig) -> tuple[dict, dict]:
         import toyworld
         files = {task: toyworld.prompt_file(task, "test") for task in toyworld.TASKS}
     tasks = cfg.tasks.split(",") if cfg.tasks else list(files)
-    reward_names = {t: f"toy_{t}" for t in tasks} | parse_pairs(cfg.rewards, "rewards")
-    missing = [t for t in tasks if t not in files or (cfg.base and t not in parse_pairs(cfg.rewards, "rewards"))]
+    given = parse_pairs(cfg.rewards, "rewards")
+    scored = not cfg.layout or bool(given)                   # the t2i_compbench layout scores only with --rewards
+    reward_names = {t: f"toy_{t}" for t in tasks} | given
+    missing = [t for t in tasks if t not in files or (scored and (cfg.base or cfg.layout) and t not in given)]
     if missing:
         raise ValueError(f"tasks {missing} need a prompt file (--prompts) and a reward (--rewards task=name)")
-    jobs = {}
+    jobs, n = {}, cfg.images_per_prompt
     for task in tasks:
-        prompts = read_prompts(files[task])[: cfg.max_prompts or None]
-        prompts = [p for p in prompts for _ in range(cfg.images_per_prompt)]
-        jobs[task] = (prompts, [sample_seed(cfg.seed, i) for i in range(len(prompts))])
-    return jobs, {t: make_reward(reward_names[t]) for t in tasks}
+        prompts = read_prompts(files[task])
+        if cfg.layout:                                        # one file name per (prompt, k)
+            prompts = list(dict.fromkeys(prompts))
+            for prompt in prompts:
+                check_file_prompt(prompt, files[task])
+        prompts = prompts[: cfg.max_prompts or None]
+        seeds = ([sample_seed(cfg.seed, p, k) for p in range(len(prompts)) for k in range(n)] if cfg.layout
+                 else [sample_seed(cfg.seed, i) for i in range(len(prompts) * n)])
+        jobs[task] = ([p for p in prompts for _ in range(n)], seeds)
+    return jobs, {t: make_reward(reward_names[t]) for t in tasks} if scored else {}
 
 
 def main(argv: list[str]) -> None:
     cfg = EvalConfig(**parse_flags(EvalConfig, argv))
     jobs, rewards = resolve_jobs(cfg)
     loras = parse_pairs(cfg.lora, "lora")
+    rows = ({} if cfg.skip_base else {"base": BASE}) | {name: name for name in loras}
+    if cfg.layout:
+        if len(rows) != 1:
+            raise ValueError(f"--layout {cfg.layout} writes one model per --out: the base alone, or --skip_base "
+                             "and one --lora")
+        check_layout_record(cfg)
     rank, world, device = setup_distributed()
     try:
         base = load_base(cfg.base, device, torch.bfloat16 if device.type == "cuda" else torch.float32,
                          cfg.resolution, cfg.max_sequence_length)
-        rows = {} if cfg.skip_base else {"base": BASE}
         for name, path in loras.items():
             add_adapter(base.transformer, load_lora(path, cfg.lora_alpha or None), name, path)
-            rows[name] = name
-        table, grids, t0 = {}, {}, time.perf_counter()
-        for label, adapter in rows.items():
+        t0 = time.perf_counter()
+        if cfg.layout:
+            if rank == 0:
+                Path(cfg.out).mkdir(parents=True, exist_ok=True)
+                record = {"config": cfg.__dict__, "world_size": world,
+                          "images": {t: len(p) for t, (p, _) in jobs.items()}}
+                (Path(cfg.out) / "layout.json").write_text(json.dumps(record, indent=2))
+            generated, total = write_layout(base, next(iter(rows.values())), jobs, cfg, rank, world)
+            if rank == 0:
+                print(f"{cfg.layout}: {generated} images generated, {total - generated} kept, in {cfg.out}", flush=True)
+        table, grids = {}, {}
+        for label, adapter in rows.items() if rewards else ():
             table[label], grids[label] = evaluate_row(base, adapter, jobs, rewards, cfg, rank, world)
             if rank == 0:
                 print(f"{label}: " + ", ".join(f"{t} {m:.3f}" for t, m in table[label].items()), flush=True)
-        if rank == 0:
+        if rank == 0 and rewards:
             write_results(cfg, table, grids, jobs, time.perf_counter() - t0, world)
     finally:
         dist.destroy_process_group()
