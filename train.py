@@ -12,6 +12,7 @@ One iteration, top to bottom (see `opd_iteration`):
 Batch sizes are global and divided by the world size. Only rank 0 writes. One code path for 1..N
 processes (NCCL on GPU, gloo on CPU); a plain `python train.py` runs as a world of one. SIGTERM or
 SIGINT (Ctrl-C) ends the current iteration, writes a checkpoint and exits 0.
+Other --algo: sft (the SFT cold start, `sft_iteration`), grpo (Flow-GRPO with --reward, grpo.py).
 
 Run:  torchrun --nproc_per_node=8 train.py --base sd3.5-medium --teachers ocr=ocr_lora,geneval=geneval_lora \
           --prompts ocr=dataset/ocr/train.txt,geneval=dataset/geneval/train_metadata.jsonl --out out/opd_sd35m
@@ -57,11 +58,12 @@ class Config:
     init_lora: str = ""                # student start (e.g. merge_lora.py output); "" = fresh LoRA, B = 0
     lora_alpha: float = 0.0            # alpha for LoRA files that carry none (0: the file must carry it)
     # the objective
-    algo: str = "opd"                  # opd | sft (cold start: flow matching on teacher samples)
+    algo: str = "opd"                  # opd | sft (cold start: flow matching on teacher samples) | grpo (grpo.py)
+    reward: str = ""                   # grpo: a reward name or comma list name=weight (GRPO-Mix), e.g. toy_ocr
     loss: str = "gkd"                  # gkd | kl_only
     kl_weighting: str = "reference"    # reference | exact
-    beta: float = 0.04                 # MAR weight
-    clip_range: float = 1e-4           # kl_only: PPO clip
+    beta: float = 0.04                 # MAR weight (grpo: weight of the KL to the base)
+    clip_range: float = 1e-4           # kl_only, grpo: PPO clip
     detach_advantage: bool = False     # kl_only: pure policy-gradient reading
     # sampling (SD3.5-M reference values)
     resolution: int = 512
@@ -232,6 +234,7 @@ class Run:
     sigmas: torch.Tensor                # [T+1]
     local_images: int                   # images per rank per iteration
     identity: dict                      # what a checkpoint must match to continue this run (checkpoint.py)
+    reward: object = None               # grpo: reward(images, prompts) -> (r [B], parts), grpo.make_reward
     bad_steps: int = 0                  # non-finite optimizer steps in a row
 
 
@@ -252,20 +255,30 @@ def check_batch(cfg: Config, world: int) -> int:
 
 
 def resolve_data(cfg: Config) -> tuple[dict, dict, dict]:
-    """-> teachers {task: path}, prompts {task: [str]}, weights {task: float}; every task needs both."""
-    if not cfg.teachers:
+    """-> teachers {task: path}, prompts {task: [str]}, weights {task: float}; every task needs both.
+    --algo grpo has no teachers: its tasks are those of --prompts (toy world default: the train prompts of the
+    toy tasks whose reward toy_<task> is named in --reward)."""
+    if cfg.algo == "grpo" and cfg.teachers:
+        raise ValueError("--algo grpo takes no --teachers (its training signal is --reward)")
+    if cfg.algo != "grpo" and not cfg.teachers:
         raise ValueError("--teachers is required (e.g. --teachers ocr=ocr.safetensors,geneval=geneval.safetensors)")
     teachers = parse_teachers(cfg.teachers)
     prompt_files = {t: Path(f) for t, f in parse_pairs(cfg.prompts, "prompts").items()}
     if not prompt_files and not cfg.base:
         import toyworld
-        prompt_files = {task: toyworld.prompt_file(task, "train") for task in teachers}
-    if teachers.keys() != prompt_files.keys():
+        tasks = teachers
+        if cfg.algo == "grpo":
+            import grpo                                                        # grpo.py builds on this module
+            tasks = grpo.toy_tasks(cfg.reward)
+        prompt_files = {task: toyworld.prompt_file(task, "train") for task in tasks}
+    if not prompt_files:
+        raise ValueError("--prompts is required (e.g. --prompts ocr=ocr_train.txt)")
+    if teachers and teachers.keys() != prompt_files.keys():
         raise ValueError(f"tasks with a teacher {sorted(teachers)} and tasks with prompts {sorted(prompt_files)} differ; "
                          "give --teachers and --prompts for the same tasks")
-    weights = {task: 1.0 for task in teachers} | {t: float(w) for t, w in parse_pairs(cfg.task_weights, "task_weights").items()}
-    if weights.keys() != teachers.keys() or min(weights.values()) < 0:
-        raise ValueError(f"--task_weights: give non-negative weights for tasks {sorted(teachers)} only")
+    weights = {task: 1.0 for task in prompt_files} | {t: float(w) for t, w in parse_pairs(cfg.task_weights, "task_weights").items()}
+    if weights.keys() != prompt_files.keys() or min(weights.values()) < 0:
+        raise ValueError(f"--task_weights: give non-negative weights for tasks {sorted(prompt_files)} only")
     for path in [*teachers.values(), *filter(None, [Path(cfg.anchor) if cfg.anchor else None,
                                                    Path(cfg.init_lora) if cfg.init_lora else None])]:
         if not path.exists():
@@ -301,6 +314,12 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
         raise ValueError(f"unknown --algo {cfg.algo!r}: use one of {sorted(ALGOS)}")
     if cfg.loss not in LOSSES:
         raise ValueError(f"unknown --loss {cfg.loss!r}: use one of {sorted(LOSSES)}")
+    if cfg.reward and cfg.algo != "grpo":
+        raise ValueError(f"--reward is for --algo grpo, not --algo {cfg.algo}")
+    reward = None
+    if cfg.algo == "grpo":
+        import grpo                                                            # grpo.py builds on this module
+        reward = grpo.make_reward(cfg.reward)                                  # reward models load once, here
     teachers, prompts, weights = resolve_data(cfg)
     out = Path(cfg.out)
     if (out / "config.json").exists() and not (cfg.overwrite or cfg.resume):
@@ -329,7 +348,7 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
               f"teachers: {routes}; anchor: {anchor or 'base'}", flush=True)
         write_record(cfg, out, base.name, world)
     return Run(cfg, rank, world, device, base, routes, anchor, prompts, weights, params, optimizer, loss_fn,
-               kl_w, sigmas, local, checkpoint.identity(cfg, base.name, teachers))
+               kl_w, sigmas, local, checkpoint.identity(cfg, base.name, teachers), reward)
 
 
 def speed_up(transformer, cfg: Config) -> None:
@@ -451,20 +470,32 @@ def sft_iteration(run: Run, iteration: int) -> dict:
     return stats.summary()
 
 
-ALGOS = {"opd": opd_iteration, "sft": sft_iteration}
+def grpo_iteration(run: Run, iteration: int) -> dict:
+    """Flow-GRPO (grpo.py). Imported here, at call time: grpo.py builds on this module's machinery."""
+    import grpo
+    return grpo.grpo_iteration(run, iteration)
 
 
-def step_loss(run: Run, batch: MicroBatch, j: int):
-    """Student CFG forward at (x_j, sigma_j) with grad; K_j to teacher and anchor; the configured loss."""
+ALGOS = {"opd": opd_iteration, "sft": sft_iteration, "grpo": grpo_iteration}
+
+
+def student_step(run: Run, batch, j: int):
+    """Student CFG forward at (x_j, sigma_j) with grad.  batch: .x [T+1,b,C,H,W], .cond
+    -> v_student [b, C, H, W], log pi_theta(x_{j+1} | x_j) [b]"""
     cfg, sigmas = run.cfg, run.sigmas
     x, x_next = batch.x[j], batch.x[j + 1]
     ones = torch.ones(x.shape[0], device=x.device)
     v_student = cfg_velocity(run.base.transformer, x, sigmas[j] * ones, batch.cond, cfg.guidance)
-    kl_teacher = step_kl(v_student, batch.v_teacher[j], run.kl_w[j])          # K_j(S, T_k(i))  [b]
-    kl_anchor = step_kl(v_student, batch.v_anchor[j], run.kl_w[j])            # K_j(S, A)       [b]
     s, std = sde_scale(sigmas, cfg.noise_level)[j], transition_std(sigmas, cfg.noise_level)[j]
     mean = sde_mean(x, v_student, sigmas[j] * ones, sigmas[j + 1] * ones, s * ones)
-    log_prob = gaussian_log_prob(x_next, mean, std * ones)                     # log pi_theta(x_{j+1} | x_j)
+    return v_student, gaussian_log_prob(x_next, mean, std * ones)              # log pi_theta(x_{j+1} | x_j)
+
+
+def step_loss(run: Run, batch: MicroBatch, j: int):
+    """The student's step (with grad); K_j to teacher and anchor; the configured loss."""
+    v_student, log_prob = student_step(run, batch, j)
+    kl_teacher = step_kl(v_student, batch.v_teacher[j], run.kl_w[j])          # K_j(S, T_k(i))  [b]
+    kl_anchor = step_kl(v_student, batch.v_anchor[j], run.kl_w[j])            # K_j(S, A)       [b]
     return run.loss_fn(kl_teacher, kl_anchor, log_prob, batch.log_prob_old[j]), kl_teacher, kl_anchor
 
 

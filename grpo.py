@@ -1,0 +1,179 @@
+"""Flow-GRPO: reward RL of the student LoRA (stage-1 teachers, the GRPO-Mix baseline). `train.py --algo grpo`.
+
+Flow-GRPO (arXiv 2505.05470; DESIGN 3.3). Each prompt is rolled out G times (`--group_size`) with the Flow-SDE
+(sde_sampler.py); the final states are decoded and scored by the reward r. For image i of group g(i), every
+trained step j (j = 0 .. train_steps-1):
+
+    A_i     = clip( (r_i - mean_{g(i)}(r)) / (std_batch(r) + 1e-4), -5, 5 )      the same A_i at every step j
+    ratio_ij = exp(log pi_theta(x_{j+1} | x_j) - log pi_old(x_{j+1} | x_j))        (per-element-mean log-probs)
+    L_ij    = max(-A_i ratio_ij, -A_i clip(ratio_ij, 1 - eps, 1 + eps)) + beta K_j(S, base)
+    L       = mean_ij L_ij,      eps = --clip_range (1e-4),  beta = --beta
+
+- mean_g is over the G images of one prompt; std_batch is the (population) std over the WHOLE global batch,
+  all ranks together, as Flow-GRPO does with its global std. A group always lies whole on one rank
+  (train.local_batch, train.check_batch), so group means are local and only the batch moments are
+  all-reduced (count, sum, sum of squares). A batch of equal rewards gives A = 0 (no NaN).
+- K_j(S, base) is the per-step KL of opd_loss.step_kl (its --kl_weighting; `reference` is Flow-GRPO's KL)
+  toward the reference policy: the base model (student adapter disabled), or the frozen `--anchor` LoRA when
+  one is given. Its velocities are computed after the rollout with teachers.target_velocities, exactly as
+  the OPD anchor term (mar.py).
+- r is one reward or a weighted sum (GRPO-Mix): `--reward toy_ocr` or `--reward ocr=0.5,pickscore_reward=0.5`
+  (rewards.make_weighted_reward; keys are reward registry names, "name:label" to use one twice). Every reward
+  scores every image of the batch: `toy_ocr` and `toy_geneval` refuse other tasks' prompts, so in the toy world
+  mix them only with rewards that accept the prompts given (e.g. toy_quality, which ignores the prompt).
+- Tasks (prompt sets, sampled by --task_weights, logged per task) come from --prompts; in the toy world the
+  default is the train prompts of the toy tasks whose reward toy_<task> is named in --reward. No --teachers.
+
+Deviations from Flow-GRPO's code: groups are positional (G consecutive images of one drawn prompt, whole on
+one rank), not keyed on the prompt text across the gathered batch, so a prompt drawn twice forms two groups;
+the reference velocities are computed once after the rollout instead of at each training pass (the base is
+frozen: same values); prompt metadata is not passed to the reward (train.py reads prompts only).
+
+Demo: torchrun --nproc_per_node=1 train.py --algo grpo --reward toy_ocr --out out/grpo_toy_ocr
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from opd_loss import step_kl
+from rewards import REWARDS, make_weighted_reward
+from sde_sampler import initial_noise, rollout
+from teachers import target_velocities
+from train import Stats, clock, local_batch, optimizer_step, student_step
+
+ADVANTAGE_CLIP = 5.0
+
+
+# ----------------------------------------------------------------------------------------- the math
+
+def group_advantages(rewards, group_size: int, batch_std=None):
+    """A_i = clip((r_i - mean_group(r)) / (std_batch(r) + 1e-4), -5, 5).  rewards: [N], N = groups x group_size
+    (consecutive); batch_std: [] the std over the global batch (default: of `rewards`, a world of one) -> [N]"""
+    r = rewards.double().view(-1, group_size)                                   # [N/G, G]
+    std = r.std(unbiased=False) if batch_std is None else torch.as_tensor(batch_std).double()
+    advantage = (r - r.mean(1, keepdim=True)) / (std + 1e-4)                    # (r_i - mean_g) / (std + 1e-4)
+    return advantage.clamp(-ADVANTAGE_CLIP, ADVANTAGE_CLIP).flatten().float()   # [N]
+
+
+def global_std(rewards):
+    """Population std of the rewards of all ranks: one all-reduce of (count, sum, sum of squares).  [n] -> []"""
+    r = rewards.double()
+    moments = torch.stack([torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device), r.sum(), r.pow(2).sum()])
+    dist.all_reduce(moments)
+    n, total, squares = moments
+    return (squares / n - (total / n) ** 2).clamp(min=0).sqrt()                 # sqrt(E[r^2] - E[r]^2)
+
+
+def grpo_loss(advantage, log_prob, log_prob_old, kl_base, beta: float, clip_range: float):
+    """Per-sample L_i = max(-A_i ratio_i, -A_i clip(ratio_i, 1 - eps, 1 + eps)) + beta K_i(S, base); the batch loss
+    is their mean.  all: [b] -> [b]"""
+    ratio = torch.exp(log_prob - log_prob_old)                                  # pi_theta / pi_old      [b]
+    clipped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range)                # clip(ratio, 1 +- eps)  [b]
+    policy = torch.maximum(-advantage * ratio, -advantage * clipped)           # PPO clip               [b]
+    return policy + beta * kl_base                                              # + beta K_j(S, base)    [b]
+
+
+# ----------------------------------------------------------------------------------------- the reward
+
+def reward_weights(spec: str) -> dict[str, float]:
+    """'toy_ocr' or 'ocr=0.5,pickscore_reward=0.5' -> {reward key: weight}; a bare key weighs 1."""
+    if not spec:
+        raise ValueError("--algo grpo needs --reward (e.g. --reward toy_ocr, or --reward ocr=0.5,pickscore_reward=0.5)")
+    weights = {}
+    for item in spec.split(","):
+        key, sep, weight = item.partition("=")
+        if key.split(":")[0] not in REWARDS:
+            raise ValueError(f"--reward: unknown reward {key!r}; known: {', '.join(REWARDS)}")
+        try:
+            weights[key] = float(weight) if sep else 1.0
+        except ValueError:
+            raise ValueError(f"--reward: weight of {key!r} is not a number: {weight!r}") from None
+    return weights
+
+
+def make_reward(spec: str):
+    """The iteration's reward: r = sum_k w_k r_k.  -> reward(images, prompts) -> (r [B], {key: r_k [B]})"""
+    return make_weighted_reward(reward_weights(spec))
+
+
+def toy_tasks(spec: str) -> list[str]:
+    """The toy tasks whose reward `toy_<task>` is named in --reward: their prompt files are the default --prompts."""
+    import toyworld
+    keys = {key.split(":")[0] for key in reward_weights(spec)}
+    return [task for task in toyworld.TASKS if f"toy_{task}" in keys]
+
+
+# ----------------------------------------------------------------------------------------- one iteration
+
+@dataclass
+class ScoredBatch:
+    """One rolled-out micro-batch (whole groups, or a part of one), scored, with its reference velocities."""
+    tasks: list
+    cond: object                        # sde_sampler.Condition
+    x: torch.Tensor                     # [T+1, b, C, H, W] states
+    log_prob_old: torch.Tensor          # [T, b]
+    v_base: torch.Tensor                # [J, b, C, H, W] reference (base or --anchor) velocities
+    rewards: dict                       # "reward" and, for a weighted sum, "reward_<key>" -> [b]
+    advantage: torch.Tensor = None      # [b], set once the global batch std is known
+
+
+def grpo_iteration(run, iteration: int) -> dict:
+    """One Flow-GRPO iteration: rollouts (no grad), rewards, group advantages, then PPO passes like opd_iteration."""
+    cfg = run.cfg
+    mine, seeds = local_batch(run, iteration)                                   # whole groups on this rank
+    timer = {"rollout": 0.0, "reward": 0.0, "targets": 0.0, "train": 0.0, "optimizer": 0.0}
+    batches = [sample(run, mine[start: start + cfg.micro_batch], seeds[start: start + cfg.micro_batch], timer)
+               for start in range(0, run.local_images, cfg.micro_batch)]
+    rewards = torch.cat([b.rewards["reward"] for b in batches])                # [local images]
+    std = global_std(rewards)
+    for b, advantage in zip(batches, group_advantages(rewards, cfg.group_size, std).split(cfg.micro_batch)):
+        b.advantage = advantage
+
+    stats = Stats(list(run.prompts), run.device)
+    per_step = len(batches) // cfg.optimizer_steps
+    for k in range(cfg.optimizer_steps):
+        t0, loss_sum = clock(run.device), torch.zeros((), device=run.device)
+        for batch in batches[k * per_step: (k + 1) * per_step]:
+            for j in range(cfg.train_steps):
+                loss, kl_base, clipped = step_loss(run, batch, j)               # each [b]
+                (loss.mean() / (per_step * cfg.train_steps)).backward()
+                stats.add(batch.tasks, loss=loss, kl_base=kl_base, clip_fraction=clipped, advantage=batch.advantage,
+                          advantage_abs=batch.advantage.abs(), **batch.rewards)  # per-image values: same mean
+                loss_sum += loss.detach().sum()
+        t1 = clock(run.device)
+        stats.norms.append(optimizer_step(run, loss_sum))
+        timer["train"] += t1 - t0
+        timer["optimizer"] += clock(run.device) - t1
+    return stats.summary() | {"reward_std": float(std)} | {f"seconds_{k}": v for k, v in timer.items()}
+
+
+def sample(run, groups: list, seeds: list, timer: dict) -> ScoredBatch:
+    """Roll out one micro-batch (no grad), score the decoded final images, and get the reference velocities."""
+    cfg, base, transformer = run.cfg, run.base, run.base.transformer
+    tasks, prompts = zip(*groups)
+    t0 = clock(run.device)
+    cond = base.condition(list(prompts))
+    x0, noise = initial_noise(seeds, base.latent_shape, cfg.steps, run.device)
+    traj = rollout(transformer, cond, x0, noise, run.sigmas, cfg.noise_level, cfg.guidance)
+    t1 = clock(run.device)
+    reward, parts = run.reward(base.decode(traj.x[-1]), list(prompts))          # r_i on x_T, sigma = 0   [b]
+    rewards = {"reward": reward} | ({f"reward_{k}": v for k, v in parts.items()} if len(parts) > 1 else {})
+    t2 = clock(run.device)
+    v_base = target_velocities(transformer, [run.anchor] * len(tasks), traj.x[: cfg.train_steps],
+                               run.sigmas[: cfg.train_steps], cond, cfg.guidance, cfg.target_batch or cfg.micro_batch)
+    timer["rollout"] += t1 - t0
+    timer["reward"] += t2 - t1
+    timer["targets"] += clock(run.device) - t2
+    return ScoredBatch(list(tasks), cond, traj.x, traj.log_prob, v_base, {k: v.to(run.device) for k, v in rewards.items()})
+
+
+def step_loss(run, batch: ScoredBatch, j: int):
+    """Student forward at (x_j, sigma_j) with grad; K_j to the reference; the PPO clip loss.
+    -> loss [b], K_j(S, base) [b], clipped [b] (1.0 where the ratio lies outside 1 +- eps)"""
+    cfg = run.cfg
+    v_student, log_prob = student_step(run, batch, j)
+    kl_base = step_kl(v_student, batch.v_base[j], run.kl_w[j])                 # K_j(S, base)  [b]
+    loss = grpo_loss(batch.advantage, log_prob, batch.log_prob_old[j], kl_base, cfg.beta, cfg.clip_range)
+    clipped = ((log_prob - batch.log_prob_old[j]).exp() - 1).abs().gt(cfg.clip_range).float()
+    return loss, kl_base.detach(), clipped
