@@ -32,6 +32,7 @@ from merge_lora import lora_from_adapter, save_lora
 # config fields that change neither the math nor the data stream: free to differ on --resume
 RESUMABLE = {"iterations", "out", "overwrite", "resume", "save_every", "keep", "max_bad_steps", "grad_checkpointing",
              "compile", "target_batch"}
+PATHS = {"base", "teachers", "anchor", "init_lora", "prompts"}      # compared by content instead (identity)
 
 
 def write_atomic(path: Path, write) -> None:
@@ -59,12 +60,15 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def identity(cfg, base_name: str, teachers: dict) -> dict:
-    """What must be equal for a checkpoint to continue this run."""
+def identity(cfg, base_name: str, teachers: dict, prompts: dict) -> dict:
+    """What must be equal for a checkpoint to continue this run: the base, the content (not the paths) of
+    every LoRA file and prompt list, and the config fields outside RESUMABLE."""
     files = {f"teacher {task}": str(path) for task, path in teachers.items()}
     files |= {flag: getattr(cfg, flag) for flag in ("anchor", "init_lora") if getattr(cfg, flag)}
-    return {"base": base_name, "files": {name: file_sha256(path) for name, path in files.items()},
-            "config": {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}}
+    digests = {name: file_sha256(path) for name, path in files.items()}
+    digests |= {f"prompts {task}": hashlib.sha256("\n".join(p).encode()).hexdigest() for task, p in prompts.items()}
+    return {"base": base_name, "files": digests,
+            "config": {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE | PATHS}}
 
 
 def differences(saved: dict, now: dict) -> list[str]:

@@ -348,7 +348,7 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
               f"teachers: {routes}; anchor: {anchor or 'base'}", flush=True)
         write_record(cfg, out, base.name, world)
     return Run(cfg, rank, world, device, base, routes, anchor, prompts, weights, params, optimizer, loss_fn,
-               kl_w, sigmas, local, checkpoint.identity(cfg, base.name, teachers), reward)
+               kl_w, sigmas, local, checkpoint.identity(cfg, base.name, teachers, prompts), reward)
 
 
 def speed_up(transformer, cfg: Config) -> None:

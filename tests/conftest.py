@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny SD3 pipeline folder built offline from configs, and LoRA files for it."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,19 @@ def teacher_files(sd3_folder, sd3_transformer, tmp_path_factory) -> dict:
              "pick": folder / "pick.safetensors"}
     save_lora(random_lora(sd3_transformer, 3, rank=2, alpha=4.0), files["pick"])
     return files
+
+
+def train_error(args: list) -> str:
+    """train.main(args) in this process (no interpreter start-up), which must fail; -> its error message.
+    The CLI prints that message as one line `train.py: error: ...` and exits 2 (tested through a subprocess)."""
+    import train
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.pop(k) for k in names if k in os.environ}          # a fresh world of one each call
+    try:
+        with pytest.raises((ValueError, FileNotFoundError)) as error:
+            train.main([str(a) for a in args])
+    finally:
+        for k in names:
+            os.environ.pop(k, None)
+        os.environ.update(saved)
+    return str(error.value)

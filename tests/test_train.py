@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, random_lora, write_peft
+from conftest import ROOT, random_lora, train_error, write_peft
 from merge_lora import load_lora, save_lora
 import toyworld
 from sde_sampler import Condition, cfg_velocity
@@ -121,12 +121,15 @@ def test_two_processes_give_the_same_lora_as_one(sd3_folder, data, tmp_path):
     assert abs(metrics[0]["loss"] - metrics[1]["loss"]) < 1e-6 * max(1.0, metrics[0]["loss"])
 
 
-def _bad(tmp_path, sd3_folder, data, **changes):
-    """Flags with `changes` applied; returns (result, out folder)."""
+def _bad_flags(tmp_path, sd3_folder, data, **changes) -> tuple[list[str], Path]:
     flags = {"base": sd3_folder, "teachers": data["teachers"], "prompts": data["prompts"], "out": tmp_path / "out"}
     flags.update(changes)
-    args = SMALL[:-2] + [x for k, v in flags.items() for x in (f"--{k}", v)]
-    return run_train(args, nproc=0, check=False), flags["out"]
+    return SMALL[:-2] + [str(x) for k, v in flags.items() for x in (f"--{k}", v)], flags["out"]   # later flags win
+
+
+def _bad(tmp_path, sd3_folder, data, **changes) -> tuple[str, Path]:
+    args, out = _bad_flags(tmp_path, sd3_folder, data, **changes)
+    return train_error(args), out
 
 
 def _wrong_shape_lora(tmp_path, sd3_folder):
@@ -184,10 +187,8 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(case, sd3_folder, data, 
     changes = make(tmp_path, sd3_folder, data)
     if case == "batch not divisible":
         changes["group_size"] = 4
-    result, out = _bad(tmp_path, sd3_folder, data, **changes)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
-    assert result.returncode != 0 and len(errors) >= 1, result.stderr[-2000:]
-    assert __import__("re").search(message, errors[0]), errors[0]
+    error, out = _bad(tmp_path, sd3_folder, data, **changes)
+    assert "\n" not in error and __import__("re").search(message, error), error
     assert not Path(out).exists()
 
 
@@ -195,8 +196,11 @@ def test_out_holding_another_run_is_refused_and_untouched(sd3_folder, data, tmp_
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text('{"config": "earlier run"}')
-    result, _ = _bad(tmp_path, sd3_folder, data, out=out)
-    assert result.returncode != 0 and "holds another run; choose another --out, or pass --resume or --overwrite" in result.stderr
+    args, _ = _bad_flags(tmp_path, sd3_folder, data, out=out)
+    result = run_train(args, nproc=0, check=False)                              # the CLI: one line on stderr, exit 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert "holds another run; choose another --out, or pass --resume or --overwrite" in errors[0]
     assert (out / "config.json").read_text() == '{"config": "earlier run"}'
 
 
