@@ -88,7 +88,7 @@ class Config:
     grad_clip: float = 1.0
     # speed (same math)
     grad_checkpointing: bool = False   # recompute activations in backward: far less memory, ~1.4x slower steps
-    compile: bool = False              # torch.compile each transformer block
+    compile: bool = False              # torch.compile each transformer block (2x on SD3.5-M after ~1-3 min warm-up)
     # run
     iterations: int = 100
     seed: int = 0
