@@ -40,7 +40,7 @@ from opd_loss import step_kl
 from rewards import REWARDS, make_weighted_reward
 from sde_sampler import initial_noise, rollout
 from teachers import target_velocities
-from train import Stats, clock, local_batch, optimizer_step, student_step
+from train import Stats, clock, local_batch, student_step, train_passes
 
 ADVANTAGE_CLIP = 5.0
 
@@ -131,20 +131,7 @@ def grpo_iteration(run, iteration: int) -> dict:
         b.advantage = advantage
 
     stats = Stats(list(run.prompts), run.device)
-    per_step = len(batches) // cfg.optimizer_steps
-    for k in range(cfg.optimizer_steps):
-        t0, loss_sum = clock(run.device), torch.zeros((), device=run.device)
-        for batch in batches[k * per_step: (k + 1) * per_step]:
-            for j in range(cfg.train_steps):
-                loss, kl_base, clipped = step_loss(run, batch, j)               # each [b]
-                (loss.mean() / (per_step * cfg.train_steps)).backward()
-                stats.add(batch.tasks, loss=loss, kl_base=kl_base, clip_fraction=clipped, advantage=batch.advantage,
-                          advantage_abs=batch.advantage.abs(), **batch.rewards)  # per-image values: same mean
-                loss_sum += loss.detach().sum()
-        t1 = clock(run.device)
-        stats.norms.append(optimizer_step(run, loss_sum))
-        timer["train"] += t1 - t0
-        timer["optimizer"] += clock(run.device) - t1
+    train_passes(run, batches, step_loss, stats, timer)                         # train.py steps 4-5
     return stats.summary() | {"reward_std": float(std)} | {f"seconds_{k}": v for k, v in timer.items()}
 
 
@@ -170,10 +157,11 @@ def sample(run, groups: list, seeds: list, timer: dict) -> ScoredBatch:
 
 def step_loss(run, batch: ScoredBatch, j: int):
     """Student forward at (x_j, sigma_j) with grad; K_j to the reference; the PPO clip loss.
-    -> loss [b], K_j(S, base) [b], clipped [b] (1.0 where the ratio lies outside 1 +- eps)"""
+    -> loss [b], {kl_base, clip_fraction (1.0 where the ratio lies outside 1 +- eps), advantage, rewards: [b]}"""
     cfg = run.cfg
     v_student, log_prob = student_step(run, batch, j)
     kl_base = step_kl(v_student, batch.v_base[j], run.kl_w[j])                 # K_j(S, base)  [b]
     loss = grpo_loss(batch.advantage, log_prob, batch.log_prob_old[j], kl_base, cfg.beta, cfg.clip_range)
     clipped = ((log_prob - batch.log_prob_old[j]).exp() - 1).abs().gt(cfg.clip_range).float()
-    return loss, kl_base.detach(), clipped
+    return loss, {"kl_base": kl_base.detach(), "clip_fraction": clipped, "advantage": batch.advantage,
+                  "advantage_abs": batch.advantage.abs(), **batch.rewards}     # per-image values: same mean

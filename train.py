@@ -430,20 +430,28 @@ def opd_iteration(run: Run, iteration: int) -> dict:
 
     # 4-5. for each optimizer step: every micro-batch, every trained step j: student forward with grad, loss, backward
     stats = Stats(list(run.prompts), run.device)
+    train_passes(run, batches, step_loss, stats, timer)
+    return stats.summary() | {f"seconds_{k}": v for k, v in timer.items()}
+
+
+def train_passes(run: Run, batches: list, step_fn, stats, timer: dict) -> None:
+    """Steps 4-5 for any per-step loss (OPD here, GRPO in grpo.py): for each of the optimizer steps, its share
+    of the micro-batches, every trained step j: loss with grad, backward; then the guarded AdamW step.
+    step_fn(run, batch, j) -> (loss [b], {metric name: [b]})"""
+    cfg = run.cfg
     per_step = len(batches) // cfg.optimizer_steps
     for k in range(cfg.optimizer_steps):
         t0, loss_sum = clock(run.device), torch.zeros((), device=run.device)
         for batch in batches[k * per_step: (k + 1) * per_step]:
             for j in range(cfg.train_steps):
-                loss, kl_teacher, kl_anchor = step_loss(run, batch, j)                 # each [b]
+                loss, logged = step_fn(run, batch, j)                          # [b], {name: [b]}
                 (loss.mean() / (per_step * cfg.train_steps)).backward()
-                stats.add(batch.tasks, loss=loss, kl_teacher=kl_teacher, kl_anchor=kl_anchor)
+                stats.add(batch.tasks, loss=loss, **logged)
                 loss_sum += loss.detach().sum()
         t1 = clock(run.device)
         stats.norms.append(optimizer_step(run, loss_sum))
         timer["train"] += t1 - t0
         timer["optimizer"] += clock(run.device) - t1
-    return stats.summary() | {f"seconds_{k}": v for k, v in timer.items()}
 
 
 def sft_iteration(run: Run, iteration: int) -> dict:
@@ -492,11 +500,13 @@ def student_step(run: Run, batch, j: int):
 
 
 def step_loss(run: Run, batch: MicroBatch, j: int):
-    """The student's step (with grad); K_j to teacher and anchor; the configured loss."""
+    """The student's step (with grad); K_j to teacher and anchor; the configured loss.
+    -> loss [b], {"kl_teacher": [b], "kl_anchor": [b]}"""
     v_student, log_prob = student_step(run, batch, j)
     kl_teacher = step_kl(v_student, batch.v_teacher[j], run.kl_w[j])          # K_j(S, T_k(i))  [b]
     kl_anchor = step_kl(v_student, batch.v_anchor[j], run.kl_w[j])            # K_j(S, A)       [b]
-    return run.loss_fn(kl_teacher, kl_anchor, log_prob, batch.log_prob_old[j]), kl_teacher, kl_anchor
+    loss = run.loss_fn(kl_teacher, kl_anchor, log_prob, batch.log_prob_old[j])
+    return loss, {"kl_teacher": kl_teacher, "kl_anchor": kl_anchor}
 
 
 def optimizer_step(run: Run, loss_sum: torch.Tensor) -> float:
