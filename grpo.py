@@ -17,12 +17,14 @@ trained step j (j = 0 .. train_steps-1):
   toward the reference policy: the base model (student adapter disabled), or the frozen `--anchor` LoRA when
   one is given. Its velocities are computed after the rollout with teachers.target_velocities, exactly as
   the OPD anchor term (mar.py).
-- r is one reward or a weighted sum (GRPO-Mix): `--reward toy_ocr` or `--reward ocr=0.5,pickscore_reward=0.5`
-  (rewards.make_weighted_reward; keys are reward registry names, "name:label" to use one twice). Every reward
-  scores every image of the batch: `toy_ocr` and `toy_geneval` refuse other tasks' prompts, so in the toy world
-  mix them only with rewards that accept the prompts given (e.g. toy_quality, which ignores the prompt).
+- r_i = R_task(i)(x_i) + sum_k w_k r_k(x_i). `--reward` gives the weighted rewards that score every image
+  (`--reward toy_ocr`, `--reward ocr=0.5,pickscore_reward=0.5`; rewards.make_weighted_reward, "name:label" to
+  use one twice); `--task_rewards task=name,...` gives each image its own task's reward R_task(i) — the
+  paper's GRPO-Mix scores GenEval prompts with GenEval and OCR prompts with OCR, plus DeQA on all at 0.2:
+  `--task_rewards geneval=toy_geneval,ocr=toy_ocr --reward toy_quality=0.2` in the toy world.
 - Tasks (prompt sets, sampled by --task_weights, logged per task) come from --prompts; in the toy world the
-  default is the train prompts of the toy tasks whose reward toy_<task> is named in --reward. No --teachers.
+  default is the train prompts of the tasks of --task_rewards, else of the toy_<task> rewards in --reward.
+  No --teachers.
 
 Deviations from Flow-GRPO's code: groups are positional (G consecutive images of one drawn prompt, whole on
 one rank), not keyed on the prompt text across the gathered batch, so a prompt drawn twice forms two groups;
@@ -38,9 +40,10 @@ import torch.distributed as dist
 
 from opd_loss import step_kl
 from rewards import REWARDS, make_weighted_reward
+from rewards import make_reward as make_single_reward
 from sde_sampler import initial_noise, rollout
 from teachers import target_velocities
-from train import Stats, clock, local_batch, student_step, train_passes
+from train import Stats, clock, local_batch, parse_pairs, student_step, train_passes
 
 ADVANTAGE_CLIP = 5.0
 
@@ -79,7 +82,8 @@ def grpo_loss(advantage, log_prob, log_prob_old, kl_base, beta: float, clip_rang
 def reward_weights(spec: str) -> dict[str, float]:
     """'toy_ocr' or 'ocr=0.5,pickscore_reward=0.5' -> {reward key: weight}; a bare key weighs 1."""
     if not spec:
-        raise ValueError("--algo grpo needs --reward (e.g. --reward toy_ocr, or --reward ocr=0.5,pickscore_reward=0.5)")
+        raise ValueError("--algo grpo needs --reward and/or --task_rewards (e.g. --reward toy_ocr, or "
+                         "--task_rewards ocr=toy_ocr,geneval=toy_geneval --reward toy_quality=0.2)")
     weights = {}
     for item in spec.split(","):
         key, sep, weight = item.partition("=")
@@ -92,16 +96,50 @@ def reward_weights(spec: str) -> dict[str, float]:
     return weights
 
 
-def make_reward(spec: str):
-    """The iteration's reward: r = sum_k w_k r_k.  -> reward(images, prompts) -> (r [B], {key: r_k [B]})"""
-    return make_weighted_reward(reward_weights(spec))
+def task_reward_names(task_spec: str) -> dict[str, str]:
+    """'ocr=toy_ocr,geneval=toy_geneval' -> {task: reward name}."""
+    names = parse_pairs(task_spec, "task_rewards")
+    unknown = [name for name in names.values() if name.split(":")[0] not in REWARDS]
+    if unknown:
+        raise ValueError(f"--task_rewards: unknown reward {unknown[0]!r}; known: {', '.join(REWARDS)}")
+    return names
 
 
-def toy_tasks(spec: str) -> list[str]:
-    """The toy tasks whose reward `toy_<task>` is named in --reward: their prompt files are the default --prompts."""
+def make_reward(spec: str, task_spec: str = ""):
+    """r_i = R_task(i)(x_i) + sum_k w_k r_k(x_i): the sample's own task's reward (--task_rewards; GRPO-Mix over
+    tasks, as the paper scores GenEval prompts with GenEval and OCR prompts with OCR) plus the weighted rewards
+    that score every sample (--reward).  -> reward(images, prompts, tasks) -> (r [B], {part: r_part [B]})"""
+    routed = {task: make_single_reward(name.split(":")[0]) for task, name in task_reward_names(task_spec).items()}
+    shared = make_weighted_reward(reward_weights(spec)) if spec or not routed else None
+
+    def reward(images, prompts, tasks):
+        total, parts = shared(images, prompts) if shared else (torch.zeros(len(prompts)), {})
+        if not routed:
+            return total, parts
+        own = torch.zeros(len(prompts))
+        for task in dict.fromkeys(tasks):
+            rows = [i for i, t in enumerate(tasks) if t == task]
+            own[rows] = routed[task](images[rows], [prompts[i] for i in rows])  # R_task(i)(x_i)
+        return total + own, {"task": own} | parts
+
+    return reward
+
+
+def toy_tasks(spec: str, task_spec: str = "") -> list[str]:
+    """The toy tasks of --task_rewards, else those whose reward `toy_<task>` is in --reward: their train prompt
+    files are the default --prompts."""
     import toyworld
+    if task_spec:
+        return [task for task in toyworld.TASKS if task in task_reward_names(task_spec)]
     keys = {key.split(":")[0] for key in reward_weights(spec)}
     return [task for task in toyworld.TASKS if f"toy_{task}" in keys]
+
+
+def check_tasks(prompts: dict, task_spec: str) -> None:
+    """With --task_rewards, every task with prompts needs its reward (refused before the base loads)."""
+    missing = sorted(set(prompts) - set(task_reward_names(task_spec))) if task_spec else []
+    if missing:
+        raise ValueError(f"--task_rewards: no reward for task(s) {missing} that have prompts; add task=reward")
 
 
 # ----------------------------------------------------------------------------------------- one iteration
@@ -144,7 +182,7 @@ def sample(run, groups: list, seeds: list, timer: dict) -> ScoredBatch:
     x0, noise = initial_noise(seeds, base.latent_shape, cfg.steps, run.device)
     traj = rollout(transformer, cond, x0, noise, run.sigmas, cfg.noise_level, cfg.guidance)
     t1 = clock(run.device)
-    reward, parts = run.reward(base.decode(traj.x[-1]), list(prompts))          # r_i on x_T, sigma = 0   [b]
+    reward, parts = run.reward(base.decode(traj.x[-1]), list(prompts), list(tasks))  # r_i on x_T      [b]
     rewards = {"reward": reward} | ({f"reward_{k}": v for k, v in parts.items()} if len(parts) > 1 else {})
     t2 = clock(run.device)
     v_base = target_velocities(transformer, [run.anchor] * len(tasks), traj.x[: cfg.train_steps],

@@ -59,7 +59,8 @@ class Config:
     lora_alpha: float = 0.0            # alpha for LoRA files that carry none (0: the file must carry it)
     # the objective
     algo: str = "opd"                  # opd | sft (cold start: flow matching on teacher samples) | grpo (grpo.py)
-    reward: str = ""                   # grpo: a reward name or comma list name=weight (GRPO-Mix), e.g. toy_ocr
+    reward: str = ""                   # grpo: a reward name or comma list name=weight, scoring every sample
+    task_rewards: str = ""             # grpo: comma list task=reward, each sample's own task (GRPO-Mix)
     loss: str = "gkd"                  # gkd | kl_only
     kl_weighting: str = "reference"    # reference | exact
     beta: float = 0.04                 # MAR weight (grpo: weight of the KL to the base)
@@ -234,7 +235,7 @@ class Run:
     sigmas: torch.Tensor                # [T+1]
     local_images: int                   # images per rank per iteration
     identity: dict                      # what a checkpoint must match to continue this run (checkpoint.py)
-    reward: object = None               # grpo: reward(images, prompts) -> (r [B], parts), grpo.make_reward
+    reward: object = None               # grpo: reward(images, prompts, tasks) -> (r [B], parts), grpo.make_reward
     bad_steps: int = 0                  # non-finite optimizer steps in a row
 
 
@@ -269,7 +270,7 @@ def resolve_data(cfg: Config) -> tuple[dict, dict, dict]:
         tasks = teachers
         if cfg.algo == "grpo":
             import grpo                                                        # grpo.py builds on this module
-            tasks = grpo.toy_tasks(cfg.reward)
+            tasks = grpo.toy_tasks(cfg.reward, cfg.task_rewards)
         prompt_files = {task: toyworld.prompt_file(task, "train") for task in tasks}
     if not prompt_files:
         raise ValueError("--prompts is required (e.g. --prompts ocr=ocr_train.txt)")
@@ -314,13 +315,15 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
         raise ValueError(f"unknown --algo {cfg.algo!r}: use one of {sorted(ALGOS)}")
     if cfg.loss not in LOSSES:
         raise ValueError(f"unknown --loss {cfg.loss!r}: use one of {sorted(LOSSES)}")
-    if cfg.reward and cfg.algo != "grpo":
-        raise ValueError(f"--reward is for --algo grpo, not --algo {cfg.algo}")
+    if (cfg.reward or cfg.task_rewards) and cfg.algo != "grpo":
+        raise ValueError(f"--reward and --task_rewards are for --algo grpo, not --algo {cfg.algo}")
     reward = None
     if cfg.algo == "grpo":
         import grpo                                                            # grpo.py builds on this module
-        reward = grpo.make_reward(cfg.reward)                                  # reward models load once, here
+        reward = grpo.make_reward(cfg.reward, cfg.task_rewards)                # reward models load once, here
     teachers, prompts, weights = resolve_data(cfg)
+    if cfg.algo == "grpo":
+        grpo.check_tasks(prompts, cfg.task_rewards)
     out = Path(cfg.out)
     if (out / "config.json").exists() and not (cfg.overwrite or cfg.resume):
         raise ValueError(f"--out {out} holds another run; choose another --out, or pass --resume or --overwrite")

@@ -111,11 +111,23 @@ def test_weighted_reward_is_the_weighted_sum_of_the_rewards():
     noisy = (clean + 0.3 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     images = torch.cat([clean[:3], noisy[3:]])                                 # rewards that differ
     ocr, quality = (make_single_reward(name)(images, prompts) for name in ("toy_ocr", "toy_quality"))
-    total, parts = make_reward("toy_ocr=0.7,toy_quality=0.3")(images, prompts)
+    total, parts = make_reward("toy_ocr=0.7,toy_quality=0.3")(images, prompts, ["ocr"] * 6)
     assert torch.allclose(total, 0.7 * ocr + 0.3 * quality) and len(set(total.tolist())) > 1
     assert torch.equal(parts["toy_ocr"], ocr) and torch.equal(parts["toy_quality"], quality)
-    single, _ = make_reward("toy_ocr")(images, prompts)                        # a bare name weighs 1
+    single, _ = make_reward("toy_ocr")(images, prompts, ["ocr"] * 6)           # a bare name weighs 1
     assert torch.equal(single, ocr)
+
+
+def test_task_rewards_score_each_image_with_its_own_task_plus_the_shared_rewards():
+    tasks = ["geneval", "ocr", "ocr", "geneval"]
+    prompts = [toyworld.prompt_split(t, "train")[i] for i, t in enumerate(tasks)]
+    images = torch.stack([toyworld.render(t, p, seed=i) for i, (t, p) in enumerate(zip(tasks, prompts))])
+    images[1] = 1.0                                                            # a blank OCR image: own reward 0
+    total, parts = make_reward("toy_quality=0.2", "geneval=toy_geneval,ocr=toy_ocr")(images, prompts, tasks)
+    own = torch.stack([make_single_reward(f"toy_{t}")(images[i: i + 1], [p])[0] for i, (t, p) in enumerate(zip(tasks, prompts))])
+    quality = make_single_reward("toy_quality")(images, prompts)
+    assert torch.allclose(parts["task"], own) and torch.allclose(total, own + 0.2 * quality)
+    assert own[1] < 0.5 < own[0]                                               # toy_ocr never saw a geneval prompt
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -124,7 +136,9 @@ def test_weighted_reward_is_the_weighted_sum_of_the_rewards():
     (["--algo", "grpo", "--reward", "pickscor"], "unknown reward 'pickscor'"),
     (["--algo", "grpo", "--reward", "toy_ocr", "--teachers", "toy/ocr.safetensors"], "takes no --teachers"),
     (["--algo", "grpo", "--reward", "brightness"], "--prompts is required"),
-    (["--teachers", "toy/ocr.safetensors", "--reward", "toy_ocr"], "--reward is for --algo grpo, not --algo opd"),
+    (["--teachers", "toy/ocr.safetensors", "--reward", "toy_ocr"], "--reward and --task_rewards are for --algo grpo"),
+    (["--algo", "grpo", "--task_rewards", "ocr=toy_ocr", "--prompts", "ocr=toy/ocr_train.txt,geneval=toy/geneval_train.jsonl"],
+     r"no reward for task\(s\) \['geneval'\]"),
 ])
 def test_bad_grpo_flags_are_refused_before_loading(flags, message, tmp_path):
     with pytest.raises(ValueError, match=message):
