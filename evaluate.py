@@ -105,7 +105,7 @@ def gather(values: list, world: int) -> list:
 
 
 def evaluate_row(base, adapter, jobs: dict, rewards: dict, cfg: EvalConfig, rank: int, world: int):
-    """-> ({task: mean score}, {task: first grid images [k,3,H,W]}) for one model (adapter or BASE)."""
+    """-> ({task: mean score}, {task: (rank 0's first images [k,3,H,W], their prompts)}) for one model."""
     means, grids = {}, {}
     for task, (prompts, seeds) in jobs.items():
         mine_p, mine_s = shard(prompts, rank, world), shard(seeds, rank, world)
@@ -118,7 +118,8 @@ def evaluate_row(base, adapter, jobs: dict, rewards: dict, cfg: EvalConfig, rank
         scores = rewards[task](images, mine_p).tolist() if mine_p else []
         all_scores = gather(scores, world)
         means[task] = sum(all_scores) / len(all_scores)
-        grids[task] = images[: max(1, cfg.grid // world)]
+        k = max(1, cfg.grid // world)
+        grids[task] = (images[:k], mine_p[:k])                # this rank's shard: prompts r, r + N, ...
     return means, grids
 
 
@@ -185,21 +186,22 @@ def markdown_table(table: dict) -> str:
     return "\n".join(lines)
 
 
-def save_grid(grids: dict, jobs: dict, path: Path) -> None:
-    """One row per (model, task): the first images, each captioned with its prompt (wrapped)."""
-    rows = [(label, task, images) for label, by_task in grids.items() for task, images in by_task.items()]
+def save_grid(grids: dict, path: Path) -> None:
+    """One row per (model, task): rank 0's first images, each captioned with its prompt (wrapped)."""
+    rows = [(label, task, images, prompts) for label, by_task in grids.items()
+            for task, (images, prompts) in by_task.items()]
     size = max(128, rows[0][2].shape[-1])
-    cols = max(len(images) for _, _, images in rows)
+    cols = max(len(images) for _, _, images, _ in rows)
     caption = 36
     canvas = Image.new("RGB", (160 + cols * size, len(rows) * (size + caption)), "white")
     draw = ImageDraw.Draw(canvas)
-    for r, (label, task, images) in enumerate(rows):
+    for r, (label, task, images, prompts) in enumerate(rows):
         y = r * (size + caption)
         draw.text((4, y + size // 2), f"{label}\n{task}", fill="black")
         for c, image in enumerate(images):
             pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
             canvas.paste(Image.fromarray(pixels).resize((size, size), Image.NEAREST), (160 + c * size, y))
-            prompt = jobs[task][0][c]
+            prompt = prompts[c]
             draw.text((160 + c * size + 2, y + size + 2), "\n".join([prompt[i: i + 24] for i in range(0, 48, 24)]),
                       fill="black")
     canvas.save(path)
@@ -241,6 +243,8 @@ def main(argv: list[str]) -> None:
     jobs, rewards = resolve_jobs(cfg)
     loras = parse_pairs(cfg.lora, "lora")
     rows = ({} if cfg.skip_base else {"base": BASE}) | {name: name for name in loras}
+    if not rows:
+        raise ValueError("--skip_base with no --lora leaves nothing to evaluate: give --lora name=path")
     if cfg.layout:
         if len(rows) != 1:
             raise ValueError(f"--layout {cfg.layout} writes one model per --out: the base alone, or --skip_base "
@@ -283,7 +287,7 @@ def write_results(cfg: EvalConfig, table: dict, grids: dict, jobs: dict, seconds
               "prompts": {t: len(p) for t, (p, _) in jobs.items()}, "config": cfg.__dict__, "seconds": seconds,
               "world_size": world}
     (out / "results.json").write_text(json.dumps(record, indent=2))
-    save_grid(grids, jobs, out / "grid.png")
+    save_grid(grids, out / "grid.png")
 
 
 if __name__ == "__main__":

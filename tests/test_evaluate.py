@@ -150,6 +150,7 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(case, sd3_folder, prompt
     (lambda t, f: ["--prompts", f"color={bad_prompts(t, 'cat ' * 51)}"], "longer than 200 bytes"),
     (lambda t, f: ["--prompts", f"color={f}", "--lora", f"a={t / 'a.safetensors'}"], "one model per --out"),
     (lambda t, f: ["--prompts", f"color={f}", "--layout", "compbench"], "--layout 'compbench': expected one of"),
+    (lambda t, f: ["--prompts", f"color={f}", "--skip_base"], "--skip_base with no --lora leaves nothing to evaluate"),
 ])
 def test_layout_refuses_before_loading_anything(flags, message, sd3_folder, prompt_file, tmp_path):
     out = tmp_path / "out"
