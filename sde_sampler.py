@@ -20,6 +20,7 @@ Deviation from the authors' code: none in the math. The per-element mean of the 
 
 Demo: python -c "import sde_sampler as s, torch; print(s.transition_std(s.shifted_sigmas(10, 3.0), 0.7))"
 """
+import contextlib
 from dataclasses import dataclass
 import math
 
@@ -121,9 +122,12 @@ def base_weight(transformer) -> torch.Tensor:
 
 def autocast(transformer):
     """bf16 autocast when the base runs in bf16, so fp32 LoRA weights meet bf16 activations without fp32 copies
-    of every LoRA input (train.add_student turns peft's input casting off); a no-op for an fp32 base."""
+    of every LoRA input (train.add_student turns peft's input casting off); for an fp32 base no context at all
+    (a disabled torch.autocast would switch off a caller's autocast, e.g. the toy build's bf16 pre-training)."""
     weight = base_weight(transformer)
-    return torch.autocast(weight.device.type, dtype=weight.dtype, enabled=weight.dtype != torch.float32)
+    if weight.dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(weight.device.type, dtype=weight.dtype)
 
 
 def initial_noise(seeds: list[int], shape, steps: int, device) -> tuple[torch.Tensor, torch.Tensor]:

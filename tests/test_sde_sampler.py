@@ -107,3 +107,12 @@ def test_ode_sampling_is_a_zero_noise_rollout(sd3_transformer):
             v = cfg_velocity(sd3_transformer, x, sigmas[j].expand(2), cond, 4.5)
             x = sde_mean(x, v, sigmas[j].expand(2), sigmas[j + 1].expand(2), torch.zeros(2))
     assert torch.allclose(sample_ode(sd3_transformer, cond, x0, sigmas, 4.5), x, atol=1e-5)
+
+
+def test_autocast_of_an_fp32_base_leaves_a_callers_autocast_on(sd3_transformer):
+    from sde_sampler import autocast
+    a = torch.randn(4, 4)
+    with torch.autocast("cpu", torch.bfloat16), autocast(sd3_transformer):   # e.g. the toy build's bf16 pre-training
+        assert (a @ a).dtype == torch.bfloat16
+    with autocast(sd3_transformer):
+        assert (a @ a).dtype == torch.float32
