@@ -100,7 +100,7 @@ def student_state(transformer) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in transformer.named_parameters() if ".student." in n}
 
 
-def save(run, iteration: int, identity_record: dict) -> Path | None:
+def save(run, iteration: int) -> Path | None:
     """Write checkpoint `iteration` (rank 0), the LoRA exports, and prune to --keep. Collective: call on all ranks."""
     states = [None] * run.world
     dist.all_gather_object(states, rng_state())
@@ -110,7 +110,7 @@ def save(run, iteration: int, identity_record: dict) -> Path | None:
     folder.mkdir(parents=True, exist_ok=True)
     record = {"iteration": iteration, "next_iteration": iteration + 1, "seed": run.cfg.seed,
               "student": student_state(run.base.transformer), "optimizer": run.optimizer.state_dict(),
-              "rng": states, "world_size": run.world, "identity": identity_record}
+              "rng": states, "world_size": run.world, "identity": run.identity}
     path = folder / f"ckpt_{iteration:06d}.pt"
     write_atomic(path, lambda f: torch.save(record, f))
     lora = lora_from_adapter(run.base.transformer, "student")
@@ -134,14 +134,14 @@ def latest(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(run, path: Path, identity_record: dict) -> int:
+def load(run, path: Path) -> int:
     """Restore the student, AdamW and this rank's RNG from `path`; refuse an incompatible one. -> next iteration"""
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:                                                  # truncated or not a checkpoint
         raise ValueError(f"--resume: cannot read checkpoint {path}: {error}; delete it to resume from the one "
                          "before") from None
-    found = differences(record["identity"], identity_record)
+    found = differences(record["identity"], run.identity)
     if found:
         raise ValueError(f"--resume: {path} was made by a different run: {'; '.join(found)}")
     params = dict(run.base.transformer.named_parameters())

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from checkpoint import file_sha256
 from rewards import ocr_score   # Flow-GRPO's OCR rule: 1 - min(edit distance, len) / len
 
 IMAGE_SIZE = 32
@@ -642,11 +643,6 @@ def prompt_file(task: str, split: str, folder: Path = TOY_DIR) -> Path:
     """The shipped prompt file of a toy task (train.py's default --prompts when no --base is given)."""
     _check_task(task)
     return Path(folder) / f"{task}_{split}.{'jsonl' if task == 'geneval' else 'txt'}"
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def verify_assets(folder: Path, names: list[str]) -> None:

@@ -578,7 +578,7 @@ def resume(run: Run) -> int:
         if run.cfg.resume and run.rank == 0:
             print(f"--resume: no checkpoint in {out}/checkpoints, starting at iteration 1", flush=True)
         return 1
-    start = checkpoint.load(run, path, run.identity)
+    start = checkpoint.load(run, path)
     if run.rank == 0:
         lines = (out / "metrics.jsonl").read_text().splitlines()
         kept = [line for line in lines if json.loads(line)["iteration"] < start]
@@ -616,7 +616,7 @@ def main(argv: list[str]) -> None:
                 progress.set_postfix(loss=f"{metrics['loss']:.3g}", img_s=f"{metrics['images_per_s']:.1f}")
             stop = stop_requested(flag, device)
             if stop or iteration % cfg.save_every == 0 or iteration == cfg.iterations:
-                checkpoint.save(run, iteration, run.identity)
+                checkpoint.save(run, iteration)
             if stop:
                 if rank == 0:
                     print(f"stopped by signal {flag['signal'] or 'on another rank'} after iteration {iteration}; "
