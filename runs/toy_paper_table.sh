@@ -6,31 +6,34 @@
 # 10 minutes on one H100: STAGE=teachers (3 teachers + GRPO-Mix), STAGE=students (merge, OPD rows, eval);
 # STAGE=all (default) runs both. GRPO-Mix and every Flow-OPD row train on the same number of student images
 # (STUDENT_ITERS x 128); the SFT row's cold start adds SFT_ITERS x 128 teacher samples before it.
-# Usage: bash runs/toy_paper_table.sh      knobs: OUT STAGE TEACHER_ITERS STUDENT_ITERS SFT_ITERS SMOKE EVAL_FLAGS
+# Usage: bash runs/toy_paper_table.sh      knobs: OUT STAGE LIMIT TEACHER_ITERS STUDENT_ITERS SFT_ITERS SMOKE EVAL_FLAGS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/toy_table}
 STAGE=${STAGE:-all}
-TEACHER_ITERS=${TEACHER_ITERS:-200}
-STUDENT_ITERS=${STUDENT_ITERS:-60}
+TEACHER_ITERS=${TEACHER_ITERS:-300}
+STUDENT_ITERS=${STUDENT_ITERS:-150}
 SFT_ITERS=${SFT_ITERS:-10}
+LIMIT=${LIMIT:-0}                # seconds after which a run gets SIGTERM (it checkpoints, exports its LoRA, exits 0); 0 = none
 SMOKE=${SMOKE:-}                 # extra train.py flags for every run, e.g. a tiny batch for a CPU smoke test
 EVAL_FLAGS=${EVAL_FLAGS:-}       # extra evaluate.py flags, e.g. --max_prompts 4 --steps 4
 BATCH="--images_per_iteration 128 --micro_batch 64"
-GRPO="--algo grpo $BATCH --group_size 16 --lr 1e-3 --clip_range 1e-3 --beta 0.004"
+# chosen by runs/toy_grpo_sweep.sh on train prompts: clip 1e-4, beta 0.04; lr 1e-3 (quality, the MAR anchor: 3e-4)
+GRPO="--algo grpo $BATCH --group_size 16 --lr 1e-3 --clip_range 1e-4 --beta 0.04"
 T=$OUT/teacher
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$T"
 # one training run in the background, its output in $OUT/<name>.log; `wait_all` fails if any run failed
-train() { name=$1; shift; python train.py --overwrite "$@" $SMOKE --out "$OUT/$name" >"$OUT/$name.log" 2>&1 & pids+=($!); }
+train() { name=$1; shift; timeout --preserve-status -s TERM "$LIMIT" python train.py --overwrite "$@" $SMOKE --out "$OUT/$name" >"$OUT/$name.log" 2>&1 & pids+=($!); }
 wait_all() { for pid in "${pids[@]}"; do wait "$pid" || { echo "a run failed: see $OUT/*.log" >&2; exit 1; }; done; pids=(); }
 pids=()
 SECONDS=0
 
 if [[ $STAGE == all || $STAGE == teachers ]]; then
     # stage 1: one teacher per task, single-reward Flow-GRPO from the base
-    for task in geneval ocr quality; do
+    for task in geneval ocr; do
         train teacher/$task $GRPO --reward toy_$task --iterations "$TEACHER_ITERS"
     done
+    train teacher/quality $GRPO --reward toy_quality --lr 3e-4 --iterations "$TEACHER_ITERS"
     # baseline: GRPO-Mix, each prompt scored by its own task's reward, plus quality at 0.2 (the paper's DeQA)
     train grpo_mix $GRPO --task_rewards geneval=toy_geneval,ocr=toy_ocr --reward toy_quality=0.2 \
         --iterations "$STUDENT_ITERS"
