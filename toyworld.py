@@ -22,6 +22,8 @@ in [0, 1], one per image. Randomness comes from numpy Generators (or int seeds) 
 
 Demo:  python toyworld.py prompts data/toy     (writes {task}_{train,test}.{txt,jsonl})
        python toyworld.py rewards              (mean reward on ground truth / noise / blank per task)
+       python toyworld.py build                (regenerate the base and prompt files into toy/)
+       python toyworld.py teachers out/toy_table/teacher   (ship the Flow-GRPO teachers of runs/toy_paper_table.sh)
 """
 import argparse
 import functools
@@ -660,11 +662,8 @@ def verify_assets(folder: Path, names: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Building the toy world: prompt files, the pre-trained base, provisional SFT teachers
+# Building the toy world: prompt files, the pre-trained base; shipping the Flow-GRPO teachers
 # ----------------------------------------------------------------------------------------------------
-ATTENTION_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-                     "attn.add_v_proj", "attn.to_add_out"]
-
 
 def render_dataset(task: str, prompts: list[str], copies: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     """`copies` ground-truth renders of every prompt.  -> latents [N, 3, S, S] float16, prompts [N]"""
@@ -717,55 +716,57 @@ def save_base(transformer, text, path: Path) -> None:
     save_file(state, path)
 
 
-def train_sft_teacher(base, latents, prompts, steps: int, batch: int, seed: int):
-    """A provisional teacher: a LoRA (r=16, alpha=32) fitted by flow matching to one task's rendered data."""
-    from peft import LoraConfig
-    from merge_lora import lora_from_adapter
-    from sft import train_flow_matching
-    transformer = base.transformer
-    torch.manual_seed(seed)
-    transformer.add_adapter(LoraConfig(r=16, lora_alpha=32, init_lora_weights="gaussian",
-                                       target_modules=ATTENTION_TARGETS), adapter_name="sft")
-    params = [p for n, p in transformer.named_parameters() if ".sft." in n]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    train_flow_matching(transformer, base.encode, latents, prompts, optimizer, steps, batch, seed, desc="teacher")
-    return lora_from_adapter(transformer, "sft")
+def build(folder: Path, device, max_base_steps: int, target: float, batch: int, lr: float, probe_size: int,
+          check_every: int, seed: int = 0) -> dict:
+    """Regenerate the toy base and prompt files into `folder` (the teachers come from Flow-GRPO runs:
+    `adopt_teachers`). Appends to build.json; rewrites SHA256SUMS."""
+    folder, log, record = Path(folder), *build_log(folder)
+    write_prompt_files(folder)
+    copies = {"geneval": 16, "ocr": 12}
+    data = [render_dataset(task, prompt_split(task, "train"), copies[task], seed) for task in copies]
+    probe = {task: prompt_split(task, "train")[:probe_size] for task in copies}
+    transformer, text = pretrain_base(data, probe, device, max_base_steps, check_every, target, batch, lr, log,
+                                      folder / "base_samples.png")
+    log({"stage": "base test", **measure(make_base(transformer, text, "toy"), {t: prompt_split(t, "test") for t in TASKS})[0]})
+    return write_record(folder, record)
 
 
-def build(folder: Path, device, stages: tuple[str, ...], max_base_steps: int, teacher_steps: int, target: float,
-          batch: int, lr: float, probe_size: int, check_every: int, seed: int = 0) -> dict:
-    """Regenerate the toy assets into `folder`: stage "base" (prompt files, pre-trained base) and/or stage
-    "teachers" (provisional SFT teachers on the base found there). Appends to build.json; rewrites SHA256SUMS."""
+def adopt_teachers(folder: Path, runs: Path) -> dict:
+    """Ship the stage-1 Flow-GRPO teachers that `STAGE=teachers bash runs/toy_paper_table.sh` trained
+    (runs/<task>/lora.safetensors) as folder/<task>.safetensors, logging each run's settings in build.json."""
+    import shutil
+    folder, runs = Path(folder), Path(runs)
+    missing = [str(runs / task / "lora.safetensors") for task in TASKS if not (runs / task / "lora.safetensors").is_file()]
+    if missing:
+        raise FileNotFoundError(f"no teacher LoRA at {missing[0]}: run STAGE=teachers bash runs/toy_paper_table.sh first")
+    log, record = build_log(folder)
+    for task in TASKS:
+        record_of_run = json.loads((runs / task / "config.json").read_text())
+        config = record_of_run["config"] | {"git_sha": record_of_run["git_sha"]}
+        iterations = sum(1 for _ in (runs / task / "metrics.jsonl").open())
+        shutil.copyfile(runs / task / "lora.safetensors", folder / f"{task}.safetensors")
+        log({"stage": f"teacher {task}", "from": str(runs / task), "iterations": iterations,
+             **{k: config.get(k) for k in ("algo", "reward", "lr", "clip_range", "beta", "images_per_iteration",
+                                           "group_size", "git_sha")}})
+    return write_record(folder, record)
+
+
+def build_log(folder: Path):
+    """-> (log(entry): appends a timed entry to the build record and prints it, the record of folder/build.json)"""
     import time
-    from merge_lora import save_lora
-    from teachers import add_adapter, use_adapter
-    folder, start = Path(folder), time.time()
     folder.mkdir(parents=True, exist_ok=True)
     record = json.loads((folder / "build.json").read_text()) if (folder / "build.json").is_file() else {"log": []}
+    start = time.time()
 
     def log(entry):
         entry["seconds"] = round(time.time() - start, 1)
         record["log"].append(entry)
         print(json.dumps(entry), flush=True)
+    return log, record
 
-    write_prompt_files(folder)
-    copies = {"geneval": 16, "ocr": 12, "quality": 8}
-    data = {task: render_dataset(task, prompt_split(task, "train"), copies[task], seed) for task in TASKS}
-    held_out = {task: prompt_split(task, "test") for task in TASKS}
-    if "base" in stages:
-        probe = {task: prompt_split(task, "train")[:probe_size] for task in ("geneval", "ocr")}
-        transformer, text = pretrain_base([data["geneval"], data["ocr"]], probe, device, max_base_steps, check_every,
-                                          target, batch, lr, log, folder / "base_samples.png")
-        log({"stage": "base test", **measure(make_base(transformer, text, "toy"), held_out)[0]})
-    if "teachers" in stages:
-        base = load_base(device, folder=folder, verify=False)
-        for task in TASKS:
-            lora = train_sft_teacher(base, *data[task], teacher_steps, batch, seed)
-            base.transformer.delete_adapters("sft")
-            save_lora(lora, folder / f"{task}.safetensors")
-            add_adapter(base.transformer, lora, f"teacher_{task}")
-            with use_adapter(base.transformer, f"teacher_{task}"):
-                log({"stage": f"teacher {task} test", **measure(base, held_out)[0]})
+
+def write_record(folder: Path, record: dict) -> dict:
+    """Write build.json and SHA256SUMS (every shipped weight and prompt file)."""
     names = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".txt", ".jsonl"))
     (folder / "SHA256SUMS").write_text("".join(f"{file_sha256(folder / n)}  {n}\n" for n in names))
     (folder / "build.json").write_text(json.dumps(record, indent=2))
@@ -794,22 +795,24 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("prompts", help="write the prompt split files").add_argument("folder")
     commands.add_parser("rewards", help="print mean rewards on ground truth / noise / blank")
-    build_cli = commands.add_parser("build", help="regenerate the toy assets: prompts, base, provisional teachers")
+    build_cli = commands.add_parser("build", help="regenerate the toy base and prompt files")
     build_cli.add_argument("--out", default=str(TOY_DIR))
-    build_cli.add_argument("--stage", choices=("all", "base", "teachers"), default="all")
     build_cli.add_argument("--max_base_steps", type=int, default=8000)
-    build_cli.add_argument("--teacher_steps", type=int, default=1000)
     build_cli.add_argument("--target", type=float, default=0.2, help="stop pre-training once every task reaches this")
     build_cli.add_argument("--batch", type=int, default=512)
     build_cli.add_argument("--lr", type=float, default=1e-3)
     build_cli.add_argument("--probe_size", type=int, default=128, help="train prompts a task scored at each check")
     build_cli.add_argument("--check_every", type=int, default=500, help="pre-training steps between checks")
+    teachers_cli = commands.add_parser("teachers", help="ship the Flow-GRPO teachers of runs/toy_paper_table.sh")
+    teachers_cli.add_argument("runs", help="the teacher folder of that run, e.g. out/toy_table/teacher")
+    teachers_cli.add_argument("--out", default=str(TOY_DIR))
     args = parser.parse_args()
     if args.command == "build":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        stages = ("base", "teachers") if args.stage == "all" else (args.stage,)
-        build(Path(args.out), device, stages, args.max_base_steps, args.teacher_steps, args.target, args.batch,
-              args.lr, args.probe_size, args.check_every)
+        build(Path(args.out), device, args.max_base_steps, args.target, args.batch, args.lr, args.probe_size,
+              args.check_every)
+    if args.command == "teachers":
+        adopt_teachers(Path(args.out), Path(args.runs))
     if args.command == "prompts":
         for path in write_prompt_files(args.folder):
             print(path, sum(1 for _ in path.open()))

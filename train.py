@@ -366,14 +366,14 @@ def speed_up(transformer, cfg: Config) -> None:
 
 
 def write_record(cfg: Config, out: Path, base_name: str, world: int) -> None:
-    """config.json (resolved config, git sha, world size); an empty metrics.jsonl (kept on --resume);
+    """config.json (resolved config, git sha with "-dirty" when tracked files differ from it, world size); an empty metrics.jsonl (kept on --resume);
     --overwrite deletes the earlier run's checkpoints."""
     out.mkdir(parents=True, exist_ok=True)
     if cfg.overwrite and not cfg.resume:
         for old in (out / "checkpoints").glob("*"):
             old.unlink()
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+        sha = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True, text=True,
                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
     except OSError:
         sha = "unknown"
