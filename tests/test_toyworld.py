@@ -186,3 +186,30 @@ def test_bad_inputs_raise_one_line_errors():
             call()
         assert message in str(error.value) and "\n" not in str(error.value)
     assert tw.score("quality", image, ["any prompt at all"]).item() == 0.0  # quality ignores its prompt
+
+
+def test_adopt_teachers_ships_each_run_with_checksums_and_log(tmp_path):
+    """`toyworld.py teachers RUNS` copies RUNS/<task>/lora.safetensors to <task>.safetensors, logs the run's
+    settings in build.json and rewrites SHA256SUMS so that verify_assets accepts the new files."""
+    runs, folder = tmp_path / "teacher", tmp_path / "toy"
+    folder.mkdir()
+    (folder / "ocr_test.txt").write_text('a sign that says "K7"\n')
+    for i, task in enumerate(tw.TASKS):
+        (runs / task).mkdir(parents=True)
+        (runs / task / "lora.safetensors").write_bytes(bytes([i]) * 64)     # contents only need to differ
+        (runs / task / "config.json").write_text(json.dumps({"config": {"algo": "grpo", "reward": f"toy_{task}",
+                                                                        "lr": 1e-3}, "git_sha": "abc"}))
+        (runs / task / "metrics.jsonl").write_text("{}\n" * (i + 2))
+    tw.adopt_teachers(folder, runs)
+    names = [f"{task}.safetensors" for task in tw.TASKS] + ["ocr_test.txt"]
+    tw.verify_assets(folder, names)
+    assert [(folder / f"{task}.safetensors").read_bytes()[0] for task in tw.TASKS] == list(range(len(tw.TASKS)))
+    log = json.loads((folder / "build.json").read_text())["log"]
+    assert [(e["stage"], e["iterations"], e["reward"], e["git_sha"]) for e in log] == \
+        [(f"teacher {task}", i + 2, f"toy_{task}", "abc") for i, task in enumerate(tw.TASKS)]
+    (folder / "ocr.safetensors").write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="toy asset corrupted"):
+        tw.verify_assets(folder, names)
+    with pytest.raises(FileNotFoundError, match="no teacher LoRA at .*quality.*toy_paper_table.sh"):
+        (runs / "quality" / "lora.safetensors").unlink()
+        tw.adopt_teachers(folder, runs)
