@@ -9,7 +9,7 @@ Rectified-flow / SD3 objective (sigma runs 1 -> 0, x_sigma = (1 - sigma) x0 + si
     L_FM = E_{x0, eps, sigma} || v_theta(x_sigma, sigma, c) - (eps - x0) ||^2
 with sigma drawn logit-normal (SD3's default: sigma = sigmoid(n), n ~ N(0, 1)).
 
-Demo: python toyworld.py build   (pre-trains the toy base and its provisional teachers with this loss)
+Demo: python toyworld.py build   (pre-trains the toy base with this loss)
 """
 import torch
 

@@ -727,7 +727,8 @@ def build(folder: Path, device, max_base_steps: int, target: float, batch: int, 
     probe = {task: prompt_split(task, "train")[:probe_size] for task in copies}
     transformer, text = pretrain_base(data, probe, device, max_base_steps, check_every, target, batch, lr, log,
                                       folder / "base_samples.png")
-    log({"stage": "base test", **measure(make_base(transformer, text, "toy"), {t: prompt_split(t, "test") for t in TASKS})[0]})
+    held_out = {task: prompt_split(task, "test") for task in TASKS}
+    log({"stage": "base test", **measure(make_base(transformer, text, "toy"), held_out)[0]})
     return write_record(folder, record)
 
 
@@ -754,6 +755,7 @@ def adopt_teachers(folder: Path, runs: Path) -> dict:
 def build_log(folder: Path):
     """-> (log(entry): appends a timed entry to the build record and prints it, the record of folder/build.json)"""
     import time
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     record = json.loads((folder / "build.json").read_text()) if (folder / "build.json").is_file() else {"log": []}
     start = time.time()
