@@ -97,7 +97,7 @@ def count_flops(run) -> dict:
     """FLOPs per image of each phase, counted on a one-image micro-batch with torch.utils.flop_counter."""
     from torch.utils.flop_counter import FlopCounterMode
     from sde_sampler import initial_noise, rollout
-    from train import MicroBatch
+    from train import MicroBatch, velocities_at_states
     cfg, base = run.cfg, run.base
     flops = {}
     cond = base.condition(["ocr prompt 0"])
@@ -105,10 +105,9 @@ def count_flops(run) -> dict:
     with FlopCounterMode(display=False) as counter:
         traj = rollout(base.transformer, cond, x0, noise, run.sigmas, cfg.noise_level, cfg.guidance)
     flops["rollout"] = counter.get_total_flops()
-    states, sigmas = traj.x[: cfg.train_steps], run.sigmas[: cfg.train_steps]
-    with FlopCounterMode(display=False) as counter:
-        v_teacher = target_velocities(base.transformer, route(["ocr"], run.routes), states, sigmas, cond, cfg.guidance, 1)
-        v_anchor = target_velocities(base.transformer, [run.anchor], states, sigmas, cond, cfg.guidance, 1)
+    with FlopCounterMode(display=False) as counter:                          # FLOPs do not depend on --target_batch
+        v_teacher = velocities_at_states(run, route(["ocr"], run.routes), traj, cond)
+        v_anchor = velocities_at_states(run, [run.anchor], traj, cond)
     flops["targets"] = counter.get_total_flops()
     batch = MicroBatch(["ocr"], cond, traj.x, traj.log_prob, v_teacher, v_anchor)
     with FlopCounterMode(display=False) as counter:

@@ -41,9 +41,8 @@ import torch.distributed as dist
 from opd_loss import step_kl
 from rewards import REWARDS, make_weighted_reward
 from rewards import make_reward as make_single_reward
-from sde_sampler import initial_noise, rollout
-from teachers import target_velocities
-from train import Stats, clock, local_batch, parse_pairs, student_step, train_passes
+from train import (Stats, clock, local_batch, parse_pairs, student_rollout, student_step, train_passes,
+                   velocities_at_states)
 
 ADVANTAGE_CLIP = 5.0
 
@@ -175,18 +174,14 @@ def grpo_iteration(run, iteration: int) -> dict:
 
 def sample(run, groups: list, seeds: list, timer: dict) -> ScoredBatch:
     """Roll out one micro-batch (no grad), score the decoded final images, and get the reference velocities."""
-    cfg, base, transformer = run.cfg, run.base, run.base.transformer
     tasks, prompts = zip(*groups)
     t0 = clock(run.device)
-    cond = base.condition(list(prompts))
-    x0, noise = initial_noise(seeds, base.latent_shape, cfg.steps, run.device)
-    traj = rollout(transformer, cond, x0, noise, run.sigmas, cfg.noise_level, cfg.guidance)
+    cond, traj = student_rollout(run, prompts, seeds)
     t1 = clock(run.device)
-    reward, parts = run.reward(base.decode(traj.x[-1]), list(prompts), list(tasks))  # r_i on x_T      [b]
+    reward, parts = run.reward(run.base.decode(traj.x[-1]), list(prompts), list(tasks))  # r_i on x_T   [b]
     rewards = {"reward": reward} | ({f"reward_{k}": v for k, v in parts.items()} if len(parts) > 1 else {})
     t2 = clock(run.device)
-    v_base = target_velocities(transformer, [run.anchor] * len(tasks), traj.x[: cfg.train_steps],
-                               run.sigmas[: cfg.train_steps], cond, cfg.guidance, cfg.target_batch or cfg.micro_batch)
+    v_base = velocities_at_states(run, [run.anchor] * len(tasks), traj, cond)
     timer["rollout"] += t1 - t0
     timer["reward"] += t2 - t1
     timer["targets"] += clock(run.device) - t2

@@ -366,8 +366,8 @@ def speed_up(transformer, cfg: Config) -> None:
 
 
 def write_record(cfg: Config, out: Path, base_name: str, world: int) -> None:
-    """config.json (resolved config, git sha with "-dirty" when tracked files differ from it, world size); an empty metrics.jsonl (kept on --resume);
-    --overwrite deletes the earlier run's checkpoints."""
+    """config.json (resolved config, git sha with "-dirty" when tracked files differ from it, world size); an
+    empty metrics.jsonl (kept on --resume); --overwrite deletes the earlier run's checkpoints."""
     out.mkdir(parents=True, exist_ok=True)
     if cfg.overwrite and not cfg.resume:
         for old in (out / "checkpoints").glob("*"):
@@ -409,7 +409,7 @@ def local_batch(run: Run, iteration: int) -> tuple[list[tuple[str, str]], list[i
 
 def opd_iteration(run: Run, iteration: int) -> dict:
     """One Flow-OPD iteration (module docstring, steps 1-5)."""
-    cfg, base, transformer = run.cfg, run.base, run.base.transformer
+    cfg = run.cfg
     # 1. this rank's slice of the global batch
     mine, seeds = local_batch(run, iteration)
     timer = {"rollout": 0.0, "targets": 0.0, "train": 0.0, "optimizer": 0.0}
@@ -419,14 +419,10 @@ def opd_iteration(run: Run, iteration: int) -> dict:
     for start in range(0, run.local_images, cfg.micro_batch):
         tasks, prompts = zip(*mine[start: start + cfg.micro_batch])
         t0 = clock(run.device)
-        cond = base.condition(list(prompts))
-        x0, noise = initial_noise(seeds[start: start + cfg.micro_batch], base.latent_shape, cfg.steps, run.device)
-        traj = rollout(transformer, cond, x0, noise, run.sigmas, cfg.noise_level, cfg.guidance)
+        cond, traj = student_rollout(run, prompts, seeds[start: start + cfg.micro_batch])
         t1 = clock(run.device)
-        states, sigmas = traj.x[: cfg.train_steps], run.sigmas[: cfg.train_steps]
-        rows = cfg.target_batch or cfg.micro_batch
-        v_teacher = target_velocities(transformer, route(tasks, run.routes), states, sigmas, cond, cfg.guidance, rows)
-        v_anchor = target_velocities(transformer, [run.anchor] * len(tasks), states, sigmas, cond, cfg.guidance, rows)
+        v_teacher = velocities_at_states(run, route(tasks, run.routes), traj, cond)
+        v_anchor = velocities_at_states(run, [run.anchor] * len(tasks), traj, cond)
         timer["rollout"] += t1 - t0
         timer["targets"] += clock(run.device) - t1
         batches.append(MicroBatch(list(tasks), cond, traj.x, traj.log_prob, v_teacher, v_anchor))
@@ -435,6 +431,22 @@ def opd_iteration(run: Run, iteration: int) -> dict:
     stats = Stats(list(run.prompts), run.device)
     train_passes(run, batches, step_loss, stats, timer)
     return stats.summary() | {f"seconds_{k}": v for k, v in timer.items()}
+
+
+def student_rollout(run: Run, prompts, seeds: list[int]):
+    """Encode the prompts and roll out the student's SDE from each seed's noise (no grad).  -> (cond, trajectory)"""
+    cfg, base = run.cfg, run.base
+    cond = base.condition(list(prompts))
+    x0, noise = initial_noise(seeds, base.latent_shape, cfg.steps, run.device)
+    return cond, rollout(base.transformer, cond, x0, noise, run.sigmas, cfg.noise_level, cfg.guidance)
+
+
+def velocities_at_states(run: Run, adapters: list, traj, cond) -> torch.Tensor:
+    """No-grad CFG velocities of `adapters` (one per image) at the trained states x_0..x_{J-1} of a rollout,
+    --target_batch rows per forward.  -> [J, b, C, H, W]"""
+    cfg, j = run.cfg, run.cfg.train_steps
+    return target_velocities(run.base.transformer, adapters, traj.x[:j], run.sigmas[:j], cond, cfg.guidance,
+                             cfg.target_batch or cfg.micro_batch)
 
 
 def train_passes(run: Run, batches: list, step_fn, stats, timer: dict) -> None:
