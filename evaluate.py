@@ -52,6 +52,7 @@ from models import load_base
 from rewards import make_reward, to_tensor, to_uint8
 from sde_sampler import initial_noise, sample_ode
 from teachers import BASE, add_adapter, use_adapter
+import toy_tasks
 from train import parse_flags, parse_pairs, read_prompts, sample_seed, setup_distributed
 
 NORMALISE = {"pickscore": 26.0, "deqa": 5.0}                   # the paper's Average divides these by their scale
@@ -215,8 +216,7 @@ def resolve_jobs(cfg: EvalConfig) -> tuple[dict, dict]:
     if not files:
         if cfg.base:
             raise ValueError("--prompts is required with --base (e.g. --prompts ocr=dataset/ocr/test.txt)")
-        import toyworld
-        files = {task: toyworld.prompt_file(task, "test") for task in toyworld.TASKS}
+        files = {task: toy_tasks.prompt_file(task, "test") for task in toy_tasks.TASKS}
     tasks = cfg.tasks.split(",") if cfg.tasks else list(files)
     given = parse_pairs(cfg.rewards, "rewards")
     scored = not cfg.layout or bool(given)                   # the t2i_compbench layout scores only with --rewards

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from opd_loss import step_kl
 from rewards import REWARDS, make_weighted_reward
 from rewards import make_reward as make_single_reward
+from toy_tasks import TASKS as TOY_TASKS
 from train import (Stats, clock, local_batch, parse_pairs, student_rollout, student_step, train_passes,
                    velocities_at_states)
 
@@ -127,11 +128,10 @@ def make_reward(spec: str, task_spec: str = ""):
 def toy_tasks(spec: str, task_spec: str = "") -> list[str]:
     """The toy tasks of --task_rewards, else those whose reward `toy_<task>` is in --reward: their train prompt
     files are the default --prompts."""
-    import toyworld
     if task_spec:
-        return [task for task in toyworld.TASKS if task in task_reward_names(task_spec)]
+        return [task for task in TOY_TASKS if task in task_reward_names(task_spec)]
     keys = {key.split(":")[0] for key in reward_weights(spec)}
-    return [task for task in toyworld.TASKS if f"toy_{task}" in keys]
+    return [task for task in TOY_TASKS if f"toy_{task}" in keys]
 
 
 def check_tasks(prompts: dict, task_spec: str) -> None:

@@ -5,7 +5,7 @@ cached per unique prompt), `decode(latents) -> images in [0, 1]`, the latent sha
 sigmas (sigma runs 1 -> 0, see sde_sampler.py). Two kinds of base:
     - a diffusers SD3 folder, loaded with StableDiffusion3Pipeline.from_pretrained (SD3.5-Medium for
       real use; tiny folders in the tests); T5 truncated to `max_sequence_length` tokens (128 in Flow-GRPO)
-    - the toy world (toyworld.py), when no folder is given.
+    - the toy world's base (toy_model.py), when no folder is given.
 The transformer is frozen and in eval mode; LoRA adapters are added on top (teachers.py, train.py).
 
 Demo: python -c "import models; b = models.load_base('path/to/sd3.5-medium', 'cuda'); print(b.latent_shape)"
@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from sde_sampler import Condition, shifted_sigmas
+import toy_model
 
 
 @dataclass
@@ -73,9 +74,24 @@ def too_long(pipe, prompt: str, max_sequence_length: int) -> bool:
 def load_base(path: str, device, dtype=torch.float32, resolution: int = 512, max_sequence_length: int = 128) -> Base:
     """An SD3 folder (`path`), or the toy world when `path` is empty."""
     if not path:
-        import toyworld
-        return toyworld.load_base(device, dtype)
+        return load_toy(device, dtype)
     return load_sd3(path, device, dtype, resolution, max_sequence_length)
+
+
+def load_toy(device, dtype=torch.float32, folder: Path = toy_model.TOY_DIR, verify: bool = True) -> Base:
+    """The shipped toy base (toy/base.safetensors, checksums verified against toy/SHA256SUMS)."""
+    return toy_base(*toy_model.load(device, dtype, folder, verify))
+
+
+def toy_base(transformer, text_encoder, name: str) -> Base:
+    """Wrap toy modules as a Base (a fresh prompt cache: make a new one after the encoder changes)."""
+    device = next(transformer.parameters()).device
+
+    def encode_prompts(prompts):
+        return text_encoder(toy_model.tokenize(prompts).to(device))
+
+    size = toy_model.IMAGE_SIZE
+    return Base(transformer, encode_prompts, toy_model.decode, (3, size, size), toy_model.SHIFT, name)
 
 
 def load_sd3(path: str, device, dtype, resolution: int, max_sequence_length: int) -> Base:

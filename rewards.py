@@ -7,7 +7,7 @@ GRPO-Mix baseline, and evaluation. The paper's four metrics map here as:
   GenEval    `remote`: like the authors, run the GenEval detector as a server in its own environment
   DeQA       `remote`: same (DeQA-Score needs its own environment and GPU)
 plus `clipscore`, `aesthetic` (MAR's side metrics), `brightness` (a debug reward: wiring and server
-checks) and `toy_geneval` / `toy_ocr` / `toy_quality` (the toy world's programmatic rewards, toyworld.py).
+checks) and `toy_geneval` / `toy_ocr` / `toy_quality` (the toy world's programmatic rewards, toy_tasks.py).
 
 Conventions
 - images: float tensor [B,3,H,W] in [0,1] (any device/dtype), or a list of PIL images; prompts: list[str]
@@ -45,7 +45,6 @@ import functools
 import io
 import json
 import os
-import re
 import time
 import warnings
 
@@ -53,6 +52,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+import toy_tasks
+from toy_tasks import ocr_score, ocr_target   # Flow-GRPO's OCR rule, shared with the toy ocr task
 
 # ---------------------------------------------------------------------------------------------------
 # images
@@ -79,35 +81,6 @@ def to_tensor(images) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------
 # OCR (Flow-GRPO's OCR reward, paper metric "OCR")
-
-
-def ocr_target(prompt: str) -> str | None:
-    """Text between the first pair of double quotes, lower-cased, spaces removed; None if there is none."""
-    match = re.search(r'"([^"]*)"', prompt)
-    target = match.group(1).replace(" ", "").lower() if match else ""
-    return target or None
-
-
-def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (insert, delete, substitute: cost 1 each), two-row dynamic programming."""
-    previous = list(range(len(b) + 1))
-    for i, char_a in enumerate(a, 1):
-        current = [i]
-        for j, char_b in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
-        previous = current
-    return previous[-1]
-
-
-def ocr_score(read: str, prompt: str) -> float:
-    """1 - min(edit_distance, len(target)) / len(target); 1 if the target is inside the read text."""
-    target = ocr_target(prompt)
-    if target is None:
-        return 0.0
-    read = read.replace(" ", "").lower()
-    if target in read:
-        return 1.0
-    return 1.0 - min(edit_distance(read, target), len(target)) / len(target)
 
 
 def ocr_accuracy(reads: list[str], prompts: list[str]) -> float:
@@ -283,10 +256,8 @@ def make_brightness():
 
 
 def make_toy(task: str):
-    """The toy world's programmatic reward for `task` (geneval, ocr, quality); see toyworld.py."""
-    import toyworld  # lazy: rewards.py must import before toyworld.py exists
-
-    return lambda images, prompts, metadata: toyworld.score(task, to_tensor(images), prompts)
+    """The toy world's programmatic reward for `task` (geneval, ocr, quality); see toy_tasks.py."""
+    return lambda images, prompts, metadata: toy_tasks.score(task, to_tensor(images), prompts)
 
 
 # ---------------------------------------------------------------------------------------------------

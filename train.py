@@ -43,6 +43,8 @@ from opd_loss import LOSSES, kl_weights, step_kl
 from sde_sampler import cfg_velocity, gaussian_log_prob, initial_noise, rollout, sde_mean, sde_scale, transition_std
 from sft import flow_matching_loss
 from teachers import add_adapter, load_teachers, parse_teachers, route, target_velocities, teacher_samples
+import toy_model
+import toy_tasks
 
 SD3_ATTENTION = "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,attn.to_add_out"
 
@@ -102,11 +104,10 @@ class Config:
 
 
 def parse_config(argv: list[str]) -> Config:
-    """Flags over the defaults; with no --base (the toy world) over toyworld.TRAIN_DEFAULTS, then the defaults."""
+    """Flags over the defaults; with no --base (the toy world) over toy_model.TRAIN_DEFAULTS, then the defaults."""
     values = parse_flags(Config, argv)
     if not values.get("base"):
-        import toyworld
-        values = toyworld.TRAIN_DEFAULTS | values
+        values = toy_model.TRAIN_DEFAULTS | values
     return Config(**values)
 
 
@@ -266,12 +267,11 @@ def resolve_data(cfg: Config) -> tuple[dict, dict, dict]:
     teachers = parse_teachers(cfg.teachers)
     prompt_files = {t: Path(f) for t, f in parse_pairs(cfg.prompts, "prompts").items()}
     if not prompt_files and not cfg.base:
-        import toyworld
         tasks = teachers
         if cfg.algo == "grpo":
             import grpo                                                        # grpo.py builds on this module
             tasks = grpo.toy_tasks(cfg.reward, cfg.task_rewards)
-        prompt_files = {task: toyworld.prompt_file(task, "train") for task in tasks}
+        prompt_files = {task: toy_tasks.prompt_file(task, "train") for task in tasks}
     if not prompt_files:
         raise ValueError("--prompts is required (e.g. --prompts ocr=ocr_train.txt)")
     if teachers and teachers.keys() != prompt_files.keys():

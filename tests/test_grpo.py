@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import toyworld
+import toy_tasks
 from grpo import global_std, group_advantages, grpo_loss, make_reward
 from merge_lora import load_lora
 from rewards import make_reward as make_single_reward
@@ -106,8 +106,8 @@ def test_kl_term_carries_its_gradient_at_zero_advantage():
 # ----------------------------------------------------------------------------------------- rewards
 
 def test_weighted_reward_is_the_weighted_sum_of_the_rewards():
-    prompts = toyworld.prompt_split("ocr", "train")[:6]
-    clean = torch.stack([toyworld.render("ocr", p, seed=i) for i, p in enumerate(prompts)])
+    prompts = toy_tasks.prompt_split("ocr", "train")[:6]
+    clean = torch.stack([toy_tasks.render("ocr", p, seed=i) for i, p in enumerate(prompts)])
     noisy = (clean + 0.3 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     images = torch.cat([clean[:3], noisy[3:]])                                 # rewards that differ
     ocr, quality = (make_single_reward(name)(images, prompts) for name in ("toy_ocr", "toy_quality"))
@@ -120,8 +120,8 @@ def test_weighted_reward_is_the_weighted_sum_of_the_rewards():
 
 def test_task_rewards_score_each_image_with_its_own_task_plus_the_shared_rewards():
     tasks = ["geneval", "ocr", "ocr", "geneval"]
-    prompts = [toyworld.prompt_split(t, "train")[i] for i, t in enumerate(tasks)]
-    images = torch.stack([toyworld.render(t, p, seed=i) for i, (t, p) in enumerate(zip(tasks, prompts))])
+    prompts = [toy_tasks.prompt_split(t, "train")[i] for i, t in enumerate(tasks)]
+    images = torch.stack([toy_tasks.render(t, p, seed=i) for i, (t, p) in enumerate(zip(tasks, prompts))])
     images[1] = 1.0                                                            # a blank OCR image: own reward 0
     total, parts = make_reward("toy_quality=0.2", "geneval=toy_geneval,ocr=toy_ocr")(images, prompts, tasks)
     own = torch.stack([make_single_reward(f"toy_{t}")(images[i: i + 1], [p])[0] for i, (t, p) in enumerate(zip(tasks, prompts))])

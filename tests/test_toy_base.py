@@ -5,10 +5,12 @@ import shutil
 import pytest
 import torch
 
-import toyworld
 from conftest import ROOT
 from evaluate import generate
+from models import load_toy
 from test_train import run_train
+import toy_model
+import toy_tasks
 
 TINY = ["--iterations", "2", "--images_per_iteration", "4", "--group_size", "2", "--micro_batch", "2", "--steps", "4",
         "--train_steps", "2"]
@@ -16,7 +18,7 @@ TINY = ["--iterations", "2", "--images_per_iteration", "4", "--group_size", "2",
 
 @pytest.fixture(scope="module")
 def toy_base():
-    return toyworld.load_base("cpu")
+    return load_toy("cpu")
 
 
 def test_shipped_base_samples_deterministically_for_a_seed(toy_base):
@@ -24,7 +26,7 @@ def test_shipped_base_samples_deterministically_for_a_seed(toy_base):
     first = generate(toy_base, prompts, [3, 4], steps=6, guidance=4.5, batch=2)
     again = generate(toy_base, prompts, [3, 4], steps=6, guidance=4.5, batch=1)
     other = generate(toy_base, prompts, [5, 6], steps=6, guidance=4.5, batch=2)
-    assert first.shape == (2, 3, toyworld.IMAGE_SIZE, toyworld.IMAGE_SIZE) and 0 <= first.min() and first.max() <= 1
+    assert first.shape == (2, 3, toy_model.IMAGE_SIZE, toy_model.IMAGE_SIZE) and 0 <= first.min() and first.max() <= 1
     assert torch.allclose(first, again, atol=1e-3) and not torch.allclose(first, other, atol=1e-2)
 
 
@@ -35,30 +37,30 @@ def test_corrupted_or_missing_assets_are_named(tmp_path):
     data[-1] ^= 0xFF
     (folder / "base.safetensors").write_bytes(bytes(data))
     with pytest.raises(ValueError, match="toy asset corrupted: .*base.safetensors .*SHA256SUMS"):
-        toyworld.load_base("cpu", folder=folder)
+        load_toy("cpu", folder=folder)
     (folder / "base.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="toy asset missing: .*base.safetensors"):
-        toyworld.load_base("cpu", folder=folder)
+        load_toy("cpu", folder=folder)
 
 
 def test_tokenizer_truncates_long_prompts_once_and_marks_unknown_words(capsys):
     long = "a photo of " + " ".join(["a red square"] * 8)
-    ids = toyworld.tokenize([long, long, "a zebra"])
-    assert ids.shape == (3, toyworld.MAX_TOKENS) and ids[0, 0] == 1
+    ids = toy_model.tokenize([long, long, "a zebra"])
+    assert ids.shape == (3, toy_model.MAX_TOKENS) and ids[0, 0] == 1
     assert capsys.readouterr().err.count("truncated") == 1
-    assert ids[2, 2].item() == toyworld.vocabulary().index("<unk>")
+    assert ids[2, 2].item() == toy_model.vocabulary().index("<unk>")
 
 
 def test_unknown_task_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown task 'pickscore'"):
-        toyworld.prompt_file("pickscore", "train")
+        toy_tasks.prompt_file("pickscore", "train")
 
 
 def test_default_main_command_runs_on_the_toy_world(tmp_path):
     out = tmp_path / "run"
     run_train(["--teachers", "toy/ocr.safetensors,toy/geneval.safetensors", "--out", out, *TINY])
     record = json.loads((out / "config.json").read_text())
-    assert record["base"].startswith("toy:") and record["config"]["rank"] == toyworld.TRAIN_DEFAULTS["rank"]
+    assert record["base"].startswith("toy:") and record["config"]["rank"] == toy_model.TRAIN_DEFAULTS["rank"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(m["loss"] > 0 for m in metrics)
     assert (out / "lora.safetensors").is_file()

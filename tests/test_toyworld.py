@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import toyworld as tw
+import toy_model
+import toy_tasks as tw
+import toyworld
 
 S = tw.IMAGE_SIZE
 
@@ -141,7 +143,7 @@ def test_splits_are_disjoint_and_sized():
 
 def test_prompt_files_are_deterministic_and_parse_back(tmp_path):
     paths = tw.write_prompt_files(tmp_path / "here")
-    script = Path(tw.__file__)
+    script = Path(toyworld.__file__)
     subprocess.run([sys.executable, script, "prompts", tmp_path / "fresh"], check=True, capture_output=True)
     names = ["geneval_train.jsonl", "geneval_test.jsonl", "ocr_train.txt", "ocr_test.txt",
              "quality_train.txt", "quality_test.txt"]
@@ -200,16 +202,16 @@ def test_adopt_teachers_ships_each_run_with_checksums_and_log(tmp_path):
         (runs / task / "config.json").write_text(json.dumps({"config": {"algo": "grpo", "reward": f"toy_{task}",
                                                                         "lr": 1e-3}, "git_sha": "abc"}))
         (runs / task / "metrics.jsonl").write_text("{}\n" * (i + 2))
-    tw.adopt_teachers(folder, runs)
+    toyworld.adopt_teachers(folder, runs)
     names = [f"{task}.safetensors" for task in tw.TASKS] + ["ocr_test.txt"]
-    tw.verify_assets(folder, names)
+    toy_model.verify_assets(folder, names)
     assert [(folder / f"{task}.safetensors").read_bytes()[0] for task in tw.TASKS] == list(range(len(tw.TASKS)))
     log = json.loads((folder / "build.json").read_text())["log"]
     assert [(e["stage"], e["iterations"], e["reward"], e["git_sha"]) for e in log] == \
         [(f"teacher {task}", i + 2, f"toy_{task}", "abc") for i, task in enumerate(tw.TASKS)]
     (folder / "ocr.safetensors").write_bytes(b"tampered")
     with pytest.raises(ValueError, match="toy asset corrupted"):
-        tw.verify_assets(folder, names)
+        toy_model.verify_assets(folder, names)
     with pytest.raises(FileNotFoundError, match="no teacher LoRA at .*quality.*toy_paper_table.sh"):
         (runs / "quality" / "lora.safetensors").unlink()
-        tw.adopt_teachers(folder, runs)
+        toyworld.adopt_teachers(folder, runs)

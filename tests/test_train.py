@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT, random_lora, train_error, write_peft
 from merge_lora import load_lora, save_lora
-import toyworld
+import toy_model
 from sde_sampler import Condition, cfg_velocity
 from teachers import add_adapter
 from train import Config, parse_config
@@ -53,7 +53,7 @@ def test_parse_config_types_bools_and_unknown_flags():
     sd3 = parse_config(["--base", "sd3"])
     assert sd3.images_per_iteration == 256 and sd3.lr == 1e-4                 # the paper's recipe for SD3 folders
     toy = parse_config(["--lr", "0.5"])                                        # no --base: the toy recipe, flags win
-    assert toy.images_per_iteration == toyworld.TRAIN_DEFAULTS["images_per_iteration"] and toy.lr == 0.5
+    assert toy.images_per_iteration == toy_model.TRAIN_DEFAULTS["images_per_iteration"] and toy.lr == 0.5
     with pytest.raises(ValueError, match="unknown flag '--betta'"):
         parse_config(["--betta", "0.1"])
     with pytest.raises(ValueError, match="--iterations takes a int"):
