@@ -21,7 +21,7 @@ import warnings
 import torch
 from peft import LoraConfig
 
-from merge_lora import LoRA, load_lora
+from merge_lora import LoRA, load_lora, lora_config
 from sde_sampler import Condition, cfg_velocity, sample_ode
 
 BASE = None   # adapter "name" of the bare base model
@@ -40,7 +40,7 @@ def add_adapter(transformer, lora: LoRA, name: str, source: str = "") -> None:
         if (a.shape[1], lora.B[module].shape[0]) != expected:
             raise ValueError(f"LoRA {source}: {module} has shape in={a.shape[1]}, out={lora.B[module].shape[0]}, "
                              f"the base has in={expected[0]}, out={expected[1]} (a LoRA for another model?)")
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=sorted(lora.A))
+    config = LoraConfig(**lora_config(lora))                                     # per-module ranks / alphas as patterns
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         transformer.add_adapter(config, adapter_name=name)

@@ -10,7 +10,7 @@ from peft.utils.merge_utils import ties as peft_ties
 from safetensors.torch import save_file
 
 from conftest import ROOT, random_lora, write_peft
-from merge_lora import LoRA, load_lora, merge, relative_error, save_lora, ties_delta
+from merge_lora import LoRA, compress, load_lora, merge, relative_error, save_lora, ties_delta
 from teachers import add_adapter
 
 
@@ -40,9 +40,9 @@ def test_ab_mean_equals_peft_linear_with_squared_weights(sd3_transformer):
     w = [x / sum(weights) for x in weights]
     model = _peft_model(sd3_transformer, {"ocr": loras[0], "geneval": loras[1]})
     model.add_weighted_adapter(["ocr", "geneval"], [x ** 2 for x in w], "merged", combination_type="linear")
-    root = ours.scale ** 0.5
     assert residuals == {} and (ours.rank, ours.alpha) == (4, 8.0)
     for module in ours.A:
+        root = ours.scale_of(module) ** 0.5
         layer = model.base_model.model.get_submodule(module)
         assert layer.scaling["merged"] == 1.0                                   # peft: alpha' = r' = r
         torch.testing.assert_close(layer.lora_A["merged"].weight, root * ours.A[module])   # A' = sqrt(s) A
@@ -54,7 +54,7 @@ def test_ab_mean_equals_peft_linear_with_squared_weights(sd3_transformer):
 def test_delta_mean_reproduces_the_weighted_sum_of_deltas_after_peft_merge(sd3_transformer):
     loras, weights = [random_lora(sd3_transformer, 1), random_lora(sd3_transformer, 3, rank=2, alpha=1.0)], [1.0, 3.0]
     merged, residuals = merge(loras, weights, "delta-mean")
-    assert residuals == {} and merged.rank == 6 and merged.scale == loras[0].scale
+    assert residuals == {} and merged.rank == 6 and merged.scales == loras[0].scales
     fused = _peft_model(sd3_transformer, {"merged": merged}).merge_and_unload()
     for module in merged.A:
         expected = sd3_transformer.get_submodule(module).weight + _weighted_sum(loras, weights, module)
@@ -65,11 +65,11 @@ def test_svd_compression_reports_the_optimal_error_and_is_exact_when_the_rank_fi
     loras = [random_lora(sd3_transformer, 1), random_lora(sd3_transformer, 2)]
     exact, _ = merge(loras, method="delta-mean")
     fits, residuals = merge(loras, method="delta-mean", rank=8)
-    assert fits.rank == 8 and fits.scale == exact.scale and relative_error(residuals) < 1e-6
+    assert fits.rank == 8 and fits.scales == exact.scales and relative_error(residuals) < 1e-6
     for module in exact.A:
         torch.testing.assert_close(fits.delta(module), exact.delta(module), rtol=0, atol=1e-5)
     small, residuals = merge(loras, method="delta-mean", rank=3)
-    assert small.rank == 3 and small.scale == exact.scale
+    assert small.rank == 3 and small.scales == exact.scales
     for module, (residual, norm) in residuals.items():
         singular = torch.linalg.svdvals(exact.delta(module))                    # Eckart-Young: tail of the spectrum
         torch.testing.assert_close(torch.tensor([residual, norm]), torch.stack([singular[3:].norm(), singular.norm()]))
@@ -99,6 +99,54 @@ def test_ties_merge_of_loras_is_exact_at_full_rank(sd3_transformer):
         expected = ties_delta(torch.stack([l.delta(module) for l in loras]), torch.tensor([0.25, 0.75]), 0.3)
         torch.testing.assert_close(merged.delta(module), expected, rtol=0, atol=1e-5)
     assert merge(loras, method="ties")[0].rank == 4                                  # default: the largest input rank
+
+
+def _patterned(transformer, seed: int) -> LoRA:
+    """random_lora with per-module ranks 1, 2, 3 (3 the most common) and alphas 2, 3, 4 (peft's rank_pattern and
+    alpha_pattern give such LoRAs)."""
+    lora = random_lora(transformer, seed)
+    ranks = {m: 1 if i % 4 == 0 else 2 + i % 2 for i, m in enumerate(lora.A)}
+    return LoRA({m: a[:ranks[m]] for m, a in lora.A.items()}, {m: b[:, :ranks[m]] for m, b in lora.B.items()},
+                {m: 2.0 + i % 3 for i, m in enumerate(lora.A)})
+
+
+def test_merges_with_per_module_ranks_and_alphas(sd3_transformer, tmp_path):
+    one, two = _patterned(sd3_transformer, 1), _patterned(sd3_transformer, 2)
+    uniform = random_lora(sd3_transformer, 3, rank=2, alpha=1.0)
+    merged, _ = merge([one, two], [1.0, 3.0], "ab-mean")                      # same pattern in both: allowed
+    for m in one.A:                                                             # s_m (sum_k w_k B_k)(sum_k w_k A_k)
+        expected = one.scale_of(m) * (0.25 * one.B[m] + 0.75 * two.B[m]) @ (0.25 * one.A[m] + 0.75 * two.A[m])
+        torch.testing.assert_close(merged.delta(m), expected)
+    with pytest.raises(ValueError, match=r"^ab-mean needs one rank and alpha per module in all inputs: "
+                                         r"transformer_blocks.0.attn.to_q has r, alpha = 1, 2 in p but 2, 1 in u; "
+                                         r"use --method delta-mean or ties$"):
+        merge([one, uniform], method="ab-mean", names=["p", "u"])
+
+    exact, residuals = merge([one, uniform], [1.0, 3.0], "delta-mean")         # ranks r_m + 2, through a file
+    save_lora(exact, tmp_path / "exact.safetensors")
+    loaded = load_lora(tmp_path / "exact.safetensors")
+    assert residuals == {} and loaded.ranks == {m: r + 2 for m, r in one.ranks.items()} and loaded.alpha == exact.alpha
+    for m in one.A:
+        torch.testing.assert_close(loaded.delta(m), _weighted_sum([one, uniform], [1.0, 3.0], m), rtol=0, atol=1e-6)
+    small, residuals = merge([one, uniform], [1.0, 3.0], "delta-mean", rank=3)  # 3 = min_m (r_m + 2)
+    assert set(small.ranks.values()) == {3} and small.alpha == 3 * one.scale_of("transformer_blocks.0.attn.to_q")
+    for m, (residual, norm) in residuals.items():
+        singular = torch.linalg.svdvals(exact.delta(m))                        # Eckart-Young per module
+        torch.testing.assert_close(torch.tensor([residual, norm]), torch.stack([singular[3:].norm(), singular.norm()]))
+        torch.testing.assert_close(torch.tensor(residual), (exact.delta(m) - small.delta(m)).norm())
+    with pytest.raises(ValueError, match="--rank 4 is outside 1..3"):
+        merge([one, uniform], method="delta-mean", rank=4)
+    single, residuals = compress(one, 1)                                        # one rank-1 LoRA from mixed scales
+    assert set(single.ranks.values()) == {1} and single.alpha == one.scale_of("transformer_blocks.0.attn.to_q")
+    for m, (residual, _) in residuals.items():
+        torch.testing.assert_close(torch.tensor(residual), (one.delta(m) - single.delta(m)).norm())
+        torch.testing.assert_close(torch.tensor(residual), torch.linalg.svdvals(one.delta(m))[1:].norm())
+
+    tied, residuals = merge([one, uniform], [1.0, 3.0], "ties", rank=16, density=0.3)   # full rank: exact
+    assert relative_error(residuals) < 1e-6 and merge([one, uniform], method="ties")[0].rank == 3
+    for m in tied.A:
+        expected = ties_delta(torch.stack([one.delta(m), uniform.delta(m)]), torch.tensor([0.25, 0.75]), 0.3)
+        torch.testing.assert_close(tied.delta(m), expected, rtol=0, atol=1e-5)
 
 
 def test_every_input_format_gives_identical_merges(sd3_transformer, tmp_path):
