@@ -59,8 +59,9 @@ from train import (check_limits, check_out_folder, exit_with_error, parse_flags,
 NORMALISE = {"pickscore": 26.0, "deqa": 5.0}                   # the paper's Average divides these by their scale
 LAYOUTS = ("", "t2i_compbench")
 # numeric flags: their allowed range, checked at start and shown by --help
-LIMITS = {"lora_alpha": ">= 0", "steps": ">= 1", "guidance": ">= 0", "resolution": ">= 1", "max_sequence_length": ">= 1",
-          "images_per_prompt": ">= 1", "max_prompts": ">= 0", "batch": ">= 1", "seed": ">= 0", "grid": ">= 1"}
+LIMITS = {"lora_alpha": ">= 0", "steps": ">= 1", "guidance": ">= 0", "resolution": ">= 1",
+          "max_sequence_length": ">= 1", "images_per_prompt": ">= 1", "max_prompts": ">= 0", "batch": ">= 1",
+          "seed": ">= 0", "grid": ">= 1"}
 SAME_ON_RESUME = ("base", "lora", "lora_alpha", "skip_base", "steps", "guidance", "resolution", "max_sequence_length",
                   "seed")
 

@@ -3,7 +3,7 @@
 A LoRA on module m adds  dW_m = (alpha / r) * B_m @ A_m  to its weight (A_m: [r, in], B_m: [out, r]);
 s = alpha / r is its scale. Teachers k = 1..K, weights w_k >= 0, normalised to sum 1 by `merge`.
 
-Cold start (Flow-OPD "merge init", DESIGN 3.6), three methods:
+Cold start (Flow-OPD "merge init", docs/method.md section 9), three methods:
     ab-mean     the authors' merge: A = sum_k w_k A_k, B = sum_k w_k B_k, separately (same r and alpha).
                 dW = s (sum_k w_k B_k)(sum_l w_l A_l) = sum_k w_k^2 dW_k + s sum_{k != l} w_k w_l B_k A_l:
                 NOT the mean of the deltas. The own terms get w_k^2 (1/4 each for two equal weights) and the

@@ -11,7 +11,9 @@ One iteration, top to bottom (see `opd_iteration`):
      finite); log; checkpoint (checkpoint.py: atomic, resumable with --resume)
 Batch sizes are global and divided by the world size. Only rank 0 writes. One code path for 1..N
 processes (NCCL on GPU, gloo on CPU); a plain `python train.py` runs as a world of one. SIGTERM or
-SIGINT (Ctrl-C) ends the current iteration, writes a checkpoint and exits 0.
+SIGINT (Ctrl-C) ends the current iteration, writes a checkpoint and exits 0 (torchrun, when it gets the
+signal itself, passes it on to every worker but then exits 1: README, Long runs). An error ends the run
+with one line, printed by rank 0 and put in torchrun's failure summary (`exit_with_error`).
 Other --algo: sft (the SFT cold start, `sft_iteration`), grpo (Flow-GRPO with --reward, grpo.py).
 
 Run:  torchrun --nproc_per_node=8 train.py --base sd3.5-medium --teachers ocr=ocr_lora,geneval=geneval_lora \

@@ -174,7 +174,8 @@ def test_help_lists_every_flag_with_its_default_and_description(capsys):
                 _, description = train.flag_help(cls)[f.name]
                 assert description and description in line, f.name
                 default = '""' if f.default == "" else str(f.default)
-                assert default in line or default in text.split(line + "\n")[1].splitlines()[0], f.name   # long: next line
+                below = text.split(line + "\n")[1].splitlines()[0]                # a long default: the next line
+                assert default in line or default in below, f.name
     text = train.usage(train.Config, toyworld.TRAIN_DEFAULTS)
     assert "  --beta                  0.04                 MAR weight (grpo: weight of the KL to the base) [>= 0]" in text
     assert "  --images_per_iteration  256 (toy 16) " in text and "--optimizer_steps is now --updates" in text
@@ -185,7 +186,8 @@ def test_flag_equals_value_parses_like_flag_space_value():
     from evaluate import EvalConfig
     from train import parse_config, parse_flags
     joined = parse_config(["--teachers=ocr=a.safetensors", "--beta=0.1", "--resume=true", "--noise-level=0.5"])
-    spaced = parse_config(["--teachers", "ocr=a.safetensors", "--beta", "0.1", "--resume", "true", "--noise_level", "0.5"])
+    spaced = parse_config(["--teachers", "ocr=a.safetensors", "--beta", "0.1", "--resume", "true",
+                           "--noise_level", "0.5"])
     assert joined == spaced and joined.teachers == "ocr=a.safetensors" and joined.resume is True
     assert parse_flags(EvalConfig, ["--lora=opd=out/lora.safetensors", "--skip_base"]) == \
         {"lora": "opd=out/lora.safetensors", "skip_base": True}
@@ -210,7 +212,8 @@ def test_renamed_flag_still_works_with_a_one_line_warning_and_old_checkpoints_st
     from train import RENAMED, parse_config
     assert parse_config(["--optimizer_steps", "4"]).updates == 4 == parse_config(["--optimizer_steps=4"]).updates
     warnings = capsys.readouterr().err.splitlines()
-    assert warnings == ["train.py: warning: --optimizer_steps is now --updates; the old name goes in the next release"] * 2
+    warning = "train.py: warning: --optimizer_steps is now --updates; the old name goes in the next release"
+    assert warnings == [warning] * 2
     saved = {"base": "b", "files": {}, "config": {"optimizer_steps": 2, "lr": 1.0}}     # written before the rename
     now = {"base": "b", "files": {}, "config": {"updates": 2, "lr": 1.0}}
     assert checkpoint.differences(saved, now, RENAMED) == []
@@ -259,7 +262,8 @@ TRAIN_BAD = {
     "negative task weight": (lambda t: ["--task_weights", "ocr=-1"], r"^--task_weights ocr=-1: give weights >= 0"),
     "task given twice": (lambda t: ["--task_weights", "ocr=1,ocr=2"], r"^--task_weights: ocr is given twice"),
     "out looks like a file": (lambda t: ["--out", t / "student.safetensors"],
-                              r"student.safetensors looks like a file name; --out names a folder .* e\.g\. --out .*/student$"),
+                              r"student.safetensors looks like a file name; --out names a folder .* "
+                              r"e\.g\. --out .*/student$"),
     "out is a file": (lambda t: ["--out", a_file(t)], r"^--out .*/results is a file; --out names a folder"),
     "resume a folder with no run": (lambda t: ["--resume", "--out", t / "misspelt"],
                                     r"^--resume: .*/misspelt holds no run; check --out, or pass --resume_or_start"),
@@ -280,7 +284,8 @@ def test_train_refuses_bad_input_in_one_line_before_writing_anything(case, tmp_p
 
 EVAL_BAD = {
     "lora named base": (lambda t: ["--lora", "base=toy/ocr.safetensors"],
-                        r"^--lora base=toy/ocr.safetensors: 'base' names the base model's row; give the LoRA another name$"),
+                        r"^--lora base=toy/ocr.safetensors: 'base' names the base model's row; give the LoRA "
+                        r"another name$"),
     "lora name twice": (lambda t: ["--lora", "a=toy/ocr.safetensors,a=toy/geneval.safetensors"],
                         r"^--lora: a is given twice"),
     "out is a file": (lambda t: ["--out", a_file(t, "table")], r"^--out .*/table is a file; --out names a folder"),
