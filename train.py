@@ -245,6 +245,7 @@ def check_out_folder(out: Path, inside: str) -> None:
         raise ValueError(f"--out {out} looks like a file name; --out names a folder (it gets {inside}): "
                          f"e.g. --out {out.with_suffix('')}")
 
+
 # ----------------------------------------------------------------------------------------- data
 
 def read_prompts(path: Path) -> list[str]:

@@ -164,18 +164,19 @@ def test_help_lists_every_flag_with_its_default_and_description(capsys):
     import toyworld
     import train
     for cls, main in ((train.Config, train.main), (evaluate.EvalConfig, evaluate.main)):
+        helps = train.flag_help(cls)
         for flag in ("--help", "-h"):
             with pytest.raises(SystemExit) as done:
                 main(["--lr", "1", flag])                                      # help wins over any other flag
             assert done.value.code == 0
             text = capsys.readouterr().out
+            lines = text.splitlines() + [""]
             for f in fields(cls):
-                line = next(line for line in text.splitlines() if line.startswith(f"  --{f.name} "))
-                _, description = train.flag_help(cls)[f.name]
-                assert description and description in line, f.name
+                at = next(i for i, line in enumerate(lines) if line.startswith(f"  --{f.name} "))
+                _, description = helps[f.name]
+                assert description and description in lines[at], f.name
                 default = '""' if f.default == "" else str(f.default)
-                below = text.split(line + "\n")[1].splitlines()[0]                # a long default: the next line
-                assert default in line or default in below, f.name
+                assert default in lines[at] or default in lines[at + 1], f.name     # a long default: the next line
     text = train.usage(train.Config, toyworld.TRAIN_DEFAULTS)
     assert "  --beta                  0.04                 MAR weight (grpo: weight of the KL to the base) [>= 0]" in text
     assert "  --images_per_iteration  256 (toy 16) " in text and "--optimizer_steps is now --updates" in text
