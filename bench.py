@@ -47,7 +47,8 @@ def random_base(config: dict, device, dtype, latent: int, seed: int = 0) -> Base
     from diffusers import SD3Transformer2DModel
     torch.manual_seed(seed)
     with torch.device(device):
-        transformer = SD3Transformer2DModel(**config).to(dtype).requires_grad_(False).eval()
+        transformer = SD3Transformer2DModel(**config).requires_grad_(False).eval()
+    torch.nn.Module.to(transformer, dtype)                # not diffusers' .to: it warns of fp32 modules it has none of
     dim, pooled = config["joint_attention_dim"], config["pooled_projection_dim"]
 
     def encode(prompts):
@@ -146,7 +147,7 @@ def bench_config(name: str, model_config: dict, latent: int, inputs: dict, devic
                  flops: bool) -> dict:
     micro_batch, checkpointing, compiled = CONFIGS[name]
     base = random_base(model_config, device, torch.bfloat16 if device.type == "cuda" else torch.float32, latent)
-    cfg = Config(base="random-sd3", **inputs, images_per_iteration=images, group_size=4, optimizer_steps=1,
+    cfg = Config(base="random-sd3", **inputs, images_per_iteration=images, group_size=4, updates=1,
                  micro_batch=micro_batch, grad_checkpointing=checkpointing, compile=compiled,
                  out=str(Path(inputs["anchor"]).parent / name.replace(" ", "_")), overwrite=True,
                  resolution=latent * 8)

@@ -30,8 +30,8 @@ import torch.distributed as dist
 from merge_lora import lora_from_adapter, save_lora
 
 # config fields that change neither the math nor the data stream: free to differ on --resume
-RESUMABLE = {"iterations", "out", "overwrite", "resume", "save_every", "keep", "max_bad_steps", "grad_checkpointing",
-             "compile", "target_batch"}
+RESUMABLE = {"iterations", "out", "overwrite", "resume", "resume_or_start", "save_every", "keep", "max_bad_steps",
+             "grad_checkpointing", "compile", "target_batch"}
 PATHS = {"base", "teachers", "anchor", "init_lora", "prompts"}      # compared by content instead (identity)
 
 
@@ -71,8 +71,10 @@ def identity(cfg, base_name: str, teachers: dict, prompts: dict) -> dict:
             "config": {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE | PATHS}}
 
 
-def differences(saved: dict, now: dict) -> list[str]:
-    """Human-readable differences between two identities (empty: compatible)."""
+def differences(saved: dict, now: dict, renamed: dict[str, str] | None = None) -> list[str]:
+    """Human-readable differences between two identities (empty: compatible). renamed: config fields renamed
+    since `saved` was written, old name -> new (train.RENAMED)."""
+    saved = saved | {"config": {(renamed or {}).get(k, k): v for k, v in saved["config"].items()}}
     found = [f"base {saved['base']} -> {now['base']}"] if saved["base"] != now["base"] else []
     for name in sorted(saved["files"].keys() | now["files"].keys()):
         if saved["files"].get(name) != now["files"].get(name):
@@ -134,14 +136,16 @@ def latest(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(run, path: Path) -> int:
-    """Restore the student, AdamW and this rank's RNG from `path`; refuse an incompatible one. -> next iteration"""
+def load(run, path: Path, renamed: dict[str, str] | None = None) -> int:
+    """Restore the student, AdamW and this rank's RNG from `path`; refuse an incompatible one (`renamed`: see
+    differences). -> next iteration"""
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:                                                  # truncated or not a checkpoint
-        raise ValueError(f"--resume: cannot read checkpoint {path}: {error}; delete it to resume from the one "
-                         "before") from None
-    found = differences(record["identity"], run.identity)
+    except Exception:                                                           # truncated or not a checkpoint
+        before = [p for p in sorted(path.parent.glob("ckpt_*.pt")) if p.name < path.name]
+        then = f"resume from {before[-1].name}" if before else "start afresh (--overwrite)"
+        raise ValueError(f"--resume: {path} cannot be read (cut short or damaged); delete it to {then}") from None
+    found = differences(record["identity"], run.identity, renamed)
     if found:
         raise ValueError(f"--resume: {path} was made by a different run: {'; '.join(found)}")
     params = dict(run.base.transformer.named_parameters())

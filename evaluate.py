@@ -47,16 +47,22 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 
+import checkpoint
 from merge_lora import LoRAFileError, load_lora
 from models import load_base
 from rewards import make_reward, to_tensor, to_uint8
 from sde_sampler import initial_noise, sample_ode
 from teachers import BASE, add_adapter, use_adapter
 import toy_tasks
-from train import parse_flags, parse_pairs, read_prompts, sample_seed, setup_distributed
+from train import (check_limits, check_out_folder, exit_with_error, parse_flags, parse_pairs, read_prompts, sample_seed,
+                   setup_distributed)
 
 NORMALISE = {"pickscore": 26.0, "deqa": 5.0}                   # the paper's Average divides these by their scale
 LAYOUTS = ("", "t2i_compbench")
+# numeric flags: their allowed range, checked at start and shown by --help
+LIMITS = {"lora_alpha": ">= 0", "steps": ">= 1", "guidance": ">= 0", "resolution": ">= 1",
+          "max_sequence_length": ">= 1", "images_per_prompt": ">= 1", "max_prompts": ">= 0", "batch": ">= 1",
+          "seed": ">= 0", "grid": ">= 1"}
 SAME_ON_RESUME = ("base", "lora", "lora_alpha", "skip_base", "steps", "guidance", "resolution", "max_sequence_length",
                   "seed")
 
@@ -70,16 +76,16 @@ class EvalConfig:
     rewards: str = ""                  # comma list task=reward name (rewards.py); "" = toy_<task>
     lora_alpha: float = 0.0            # alpha for LoRA files that carry none
     steps: int = 40                    # ODE steps
-    guidance: float = 4.5
-    resolution: int = 512
-    max_sequence_length: int = 128
-    images_per_prompt: int = 1         # T2I-CompBench wants 10
-    max_prompts: int = 0               # per task; 0 = all
+    guidance: float = 4.5              # CFG scale g
+    resolution: int = 512              # image side in pixels (the toy world ignores it)
+    max_sequence_length: int = 128     # T5 prompt tokens (the toy world ignores it)
+    images_per_prompt: int = 1         # images per prompt, each from its own seed (T2I-CompBench wants 10)
+    max_prompts: int = 0               # the first prompts of each task only; 0 = all
     batch: int = 32                    # images per forward, per rank
-    seed: int = 0
+    seed: int = 0                      # each image's noise is a function of it and the image's index
     grid: int = 8                      # grid columns: the first prompts of each task
-    out: str = "out/eval"
-    skip_base: bool = False
+    out: str = "out/eval"              # folder: table.md, results.json, grid.png (or the layout's files)
+    skip_base: bool = False            # no base row: only the --lora rows
     layout: str = ""                   # "" = score and tabulate; t2i_compbench = image files for its scorers
 
 
@@ -240,8 +246,13 @@ def resolve_jobs(cfg: EvalConfig) -> tuple[dict, dict]:
 
 def main(argv: list[str]) -> None:
     cfg = EvalConfig(**parse_flags(EvalConfig, argv))
-    jobs, rewards = resolve_jobs(cfg)
+    check_limits(cfg, LIMITS)
+    check_out_folder(Path(cfg.out), "table.md, results.json, grid.png")
+    checkpoint.check_out(Path(cfg.out))
     loras = parse_pairs(cfg.lora, "lora")
+    if "base" in loras:
+        raise ValueError(f"--lora base={loras['base']}: 'base' names the base model's row; give the LoRA another name")
+    jobs, rewards = resolve_jobs(cfg)
     rows = ({} if cfg.skip_base else {"base": BASE}) | {name: name for name in loras}
     if not rows:
         raise ValueError("--skip_base with no --lora leaves nothing to evaluate: give --lora name=path")
@@ -294,5 +305,4 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except (ValueError, FileNotFoundError, KeyError, LoRAFileError) as error:
-        print(f"evaluate.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error("evaluate.py", error, 2)

@@ -1,6 +1,6 @@
 """Flow-GRPO: reward RL of the student LoRA (stage-1 teachers, the GRPO-Mix baseline). `train.py --algo grpo`.
 
-Flow-GRPO (arXiv 2505.05470; DESIGN 3.3). Each prompt is rolled out G times (`--group_size`) with the Flow-SDE
+Flow-GRPO (arXiv 2505.05470; docs/method.md section 6). Each prompt is rolled out G times (`--group_size`) with the Flow-SDE
 (sde_sampler.py); the final states are decoded and scored by the reward r. For image i of group g(i), every
 trained step j (j = 0 .. train_steps-1):
 

@@ -4,7 +4,7 @@ A LoRA on module m adds  dW_m = (alpha_m / r_m) * B_m @ A_m  to its weight (A_m:
 s_m = alpha_m / r_m is its scale. Rank and alpha may differ per module (peft's rank_pattern / alpha_pattern);
 most files have one r and one alpha. Teachers k = 1..K, weights w_k >= 0, normalised to sum 1 by `merge`.
 
-Cold start (Flow-OPD "merge init", DESIGN 3.6), three methods:
+Cold start (Flow-OPD "merge init", docs/method.md section 9), three methods:
     ab-mean     the authors' merge: A = sum_k w_k A_k, B = sum_k w_k B_k, separately, module by module; each
                 module needs the same r_m and alpha_m in every input (else refused, naming the module).
                 dW = s (sum_k w_k B_k)(sum_l w_l A_l) = sum_k w_k^2 dW_k + s sum_{k != l} w_k w_l B_k A_l:

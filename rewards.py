@@ -1,6 +1,6 @@
 """Rewards: a registry name -> factory(**options) -> reward(images, prompts, metadata) -> scores [B].
 
-Rewards are not needed for OPD training itself (DESIGN 4); they drive stage-1 Flow-GRPO teachers, the
+Rewards are not needed for OPD training itself (docs/method.md section 1); they drive stage-1 Flow-GRPO teachers, the
 GRPO-Mix baseline, and evaluation. The paper's four metrics map here as:
   OCR        `ocr` (reward) and `ocr_accuracy` (the reported number: mean of the same per-image score)
   PickScore  `pickscore` (raw, ~21-23: the paper's table); `pickscore_reward` = raw / 26 (Flow-GRPO's reward)

@@ -1,4 +1,4 @@
-"""The toy base model: a small SD3 transformer in pixel space and a small text encoder (DESIGN section 5).
+"""The toy base model: a small SD3 transformer in pixel space and a small text encoder (docs/toy_world.md).
 
 Same classes and interface as a real base (models.Base, which models.load_toy builds from this file):
 diffusers' SD3Transformer2DModel over 32x32 RGB "latents" x = 2 * image - 1 (decode is the identity map back
@@ -29,7 +29,7 @@ TRANSFORMER_CONFIG = dict(sample_size=IMAGE_SIZE, patch_size=2, in_channels=3, o
 TEXT_WIDTH = 64
 # Training recipe for the toy world: applied by train.py when no --base is given, for flags not set.
 # target_batch=72: a micro-batch's 9 states x 8 images in one teacher forward (tiny images: launch-bound on GPU).
-TRAIN_DEFAULTS = dict(images_per_iteration=16, group_size=2, micro_batch=8, target_batch=72, optimizer_steps=2,
+TRAIN_DEFAULTS = dict(images_per_iteration=16, group_size=2, micro_batch=8, target_batch=72, updates=2,
                       iterations=20, rank=16, alpha=32.0, lr=1e-3, resolution=IMAGE_SIZE, save_every=10)
 
 
@@ -124,7 +124,8 @@ def load(device, dtype=torch.float32, folder: Path = TOY_DIR, verify: bool = Tru
     text_encoder.load_state_dict({k[len("text."):]: v for k, v in state.items() if k.startswith("text.")})
     transformer.requires_grad_(False).eval()
     text_encoder.requires_grad_(False).eval()
-    return transformer.to(device, dtype), text_encoder.to(device), f"toy:{file_sha256(path)[:16]}"
+    torch.nn.Module.to(transformer, device, dtype)        # not diffusers' .to: it warns of fp32 modules it has none of
+    return transformer, text_encoder.to(device), f"toy:{file_sha256(path)[:16]}"
 
 
 def verify_assets(folder: Path, names: list[str]) -> None:

@@ -1,4 +1,4 @@
-"""The toy world's tasks: tiny text-to-image tasks with programmatic rewards (DESIGN section 5).
+"""The toy world's tasks: tiny text-to-image tasks with programmatic rewards (docs/toy_world.md).
 
 SD3.5-M cannot be downloaded here, so the project ships a miniature of the paper's setting. This file
 defines the TASKS: for each, a closed prompt grammar, fixed train/test prompt splits, a renderer of

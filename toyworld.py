@@ -1,6 +1,6 @@
 """The toy world's command line: prompt files, reward sanity table, building the base, shipping teachers.
 
-The toy world (DESIGN section 5) is the tasks (toy_tasks.py: grammars, renderers, rewards, prompt splits) and
+The toy world (docs/toy_world.md) is the tasks (toy_tasks.py: grammars, renderers, rewards, prompt splits) and
 the toy base model (toy_model.py; models.load_toy wraps it as a Base). This entry point sits on top of them
 and of the loop: it pre-trains the toy base with the flow-matching loss (sft.py), measures it with
 evaluate.py's ODE sampler, and writes the shipped assets in toy/ (prompt files, base.safetensors, the

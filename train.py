@@ -11,13 +11,17 @@ One iteration, top to bottom (see `opd_iteration`):
      finite); log; checkpoint (checkpoint.py: atomic, resumable with --resume)
 Batch sizes are global and divided by the world size. Only rank 0 writes. One code path for 1..N
 processes (NCCL on GPU, gloo on CPU); a plain `python train.py` runs as a world of one. SIGTERM or
-SIGINT (Ctrl-C) ends the current iteration, writes a checkpoint and exits 0.
+SIGINT (Ctrl-C) ends the current iteration, writes a checkpoint and exits 0 (torchrun, when it gets the
+signal itself, passes it on to every worker but then exits 1: README, Long runs). An error ends the run
+with one line, printed by rank 0 and put in torchrun's failure summary (`exit_with_error`).
 Other --algo: sft (the SFT cold start, `sft_iteration`), grpo (Flow-GRPO with --reward, grpo.py).
 
 Run:  torchrun --nproc_per_node=8 train.py --base sd3.5-medium --teachers ocr=ocr_lora,geneval=geneval_lora \
           --prompts ocr=dataset/ocr/train.txt,geneval=dataset/geneval/train_metadata.jsonl --out out/opd_sd35m
 """
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
+import difflib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -28,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+import tokenize
 import warnings
 
 import torch
@@ -57,7 +62,7 @@ class Config:
     prompts: str = ""                  # comma list: task=file (.txt one prompt a line, .jsonl with "prompt")
     task_weights: str = ""             # comma list task=weight (prompt sampling mix); "" = equal
     anchor: str = ""                   # MAR anchor LoRA; "" = the base model
-    init_lora: str = ""                # student start (e.g. merge_lora.py output); "" = fresh LoRA, B = 0
+    init_lora: str = ""                # student start (e.g. merge_lora.py output), its own rank and alpha; "" = fresh
     lora_alpha: float = 0.0            # alpha for LoRA files that carry none (0: the file must carry it)
     # the objective
     algo: str = "opd"                  # opd | sft (cold start: flow matching on teacher samples) | grpo (grpo.py)
@@ -69,62 +74,97 @@ class Config:
     clip_range: float = 1e-4           # kl_only, grpo: PPO clip
     detach_advantage: bool = False     # kl_only: pure policy-gradient reading
     # sampling (SD3.5-M reference values)
-    resolution: int = 512
+    resolution: int = 512              # image side in pixels
     steps: int = 10                    # T, SDE steps of a rollout
     train_steps: int = 9               # trained steps j = 0..train_steps-1 (the last, near-clean step skipped)
-    noise_level: float = 0.7           # a
+    noise_level: float = 0.7           # a, the SDE's noise level (0 = the ODE)
     guidance: float = 4.5              # CFG scale g
-    max_sequence_length: int = 128     # T5 tokens
+    max_sequence_length: int = 128     # T5 prompt tokens (longer prompts are truncated)
     sft_sample_steps: int = 40         # --algo sft: ODE steps of the teacher samples (the evaluation settings)
     # batch (global; divided by the world size)
-    images_per_iteration: int = 256
+    images_per_iteration: int = 256    # student rollouts per iteration, all ranks together
     group_size: int = 16               # images per prompt
-    optimizer_steps: int = 2           # per iteration
+    updates: int = 2                   # optimizer updates per iteration (each on an equal share of the images)
     micro_batch: int = 8               # images per forward, per rank
     target_batch: int = 0              # (state, image) rows per no-grad teacher/anchor forward; 0 = micro_batch
     # student LoRA and optimiser
-    rank: int = 32
-    alpha: float = 64.0
-    targets: str = SD3_ATTENTION
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
+    rank: int = 32                     # LoRA rank r of a fresh student
+    alpha: float = 64.0                # LoRA alpha of a fresh student (scale alpha / r)
+    targets: str = SD3_ATTENTION       # comma list of module-name suffixes a fresh student adapts
+    lr: float = 1e-4                   # AdamW learning rate
+    weight_decay: float = 1e-4         # AdamW weight decay
+    grad_clip: float = 1.0             # clip the global gradient norm to this
     # speed (same math)
     grad_checkpointing: bool = False   # recompute activations in backward: far less memory, ~1.4x slower steps
     compile: bool = False              # torch.compile each transformer block (2x on SD3.5-M after ~1-3 min warm-up)
     # run
-    iterations: int = 100
-    seed: int = 0
-    out: str = "out/opd"
+    iterations: int = 100              # iterations in all (a resumed run goes on to this number)
+    seed: int = 0                      # prompts, noise and the fresh LoRA are functions of it
+    out: str = "out/opd"               # run folder: config.json, metrics.jsonl, lora.safetensors, checkpoints/
     overwrite: bool = False            # start afresh in an --out that holds a run (its checkpoints are deleted)
-    resume: bool = False               # go on from --out's newest checkpoint (or start, if it has none)
-    save_every: int = 10
+    resume: bool = False               # go on from --out's newest checkpoint (an error if it has none)
+    resume_or_start: bool = False      # like --resume, but start afresh when --out holds no checkpoint yet
+    save_every: int = 10               # checkpoint every this many iterations (and at the end)
     keep: int = 3                      # checkpoints kept (0 = all)
-    max_bad_steps: int = 3             # abort after this many non-finite optimizer steps in a row
+    max_bad_steps: int = 3             # abort after this many non-finite optimizer updates in a row
+
+    def __post_init__(self):
+        self.resume = self.resume or self.resume_or_start
+
+
+# numeric flags: their allowed range, checked at start (check_limits) and shown by --help
+LIMITS = {"lora_alpha": ">= 0", "beta": ">= 0", "clip_range": "> 0", "resolution": ">= 1", "steps": ">= 1",
+          "train_steps": ">= 1", "noise_level": ">= 0", "guidance": ">= 0", "max_sequence_length": ">= 1",
+          "sft_sample_steps": ">= 1", "images_per_iteration": ">= 1", "group_size": ">= 1", "updates": ">= 1",
+          "micro_batch": ">= 1", "target_batch": ">= 0", "rank": ">= 1", "alpha": "> 0", "lr": "> 0",
+          "weight_decay": ">= 0", "grad_clip": "> 0", "iterations": ">= 1", "seed": ">= 0", "save_every": ">= 1",
+          "keep": ">= 0", "max_bad_steps": ">= 1"}
+# renamed flags: old spelling -> new; the old one still works, with a warning, until the next release
+RENAMED = {"optimizer_steps": "updates"}
+# --out names a folder: a name with one of these suffixes is a file name given by mistake
+FILE_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".json", ".jsonl", ".txt", ".md", ".png", ".jpg"}
 
 
 def parse_config(argv: list[str]) -> Config:
     """Flags over the defaults; with no --base (the toy world) over toy_model.TRAIN_DEFAULTS, then the defaults."""
-    values = parse_flags(Config, argv)
+    values = parse_flags(Config, argv, toy_model.TRAIN_DEFAULTS)
     if not values.get("base"):
         values = toy_model.TRAIN_DEFAULTS | values
     return Config(**values)
 
 
-def parse_flags(cls, argv: list[str]) -> dict:
-    """`--field value` pairs for the fields of dataclass `cls` (a bool flag alone means true); unknown = error."""
+def parse_flags(cls, argv: list[str], toy_defaults: dict | None = None) -> dict:
+    """`--field value` or `--field=value` for the fields of dataclass `cls` (a bool flag alone means true).
+    -h/--help prints `usage` and exits 0; an unknown flag is an error naming the closest known one; a RENAMED
+    flag is taken under its new name with a warning."""
     types = {f.name: f.type for f in fields(cls)}
+    if "-h" in argv or "--help" in argv:
+        print(usage(cls, toy_defaults or {}))
+        raise SystemExit(0)
     values, i = {}, 0
     while i < len(argv):
-        name = argv[i].removeprefix("--").replace("-", "_")
-        if not argv[i].startswith("--") or name not in types:
-            raise ValueError(f"unknown flag {argv[i]!r}; known: {' '.join('--' + n for n in types)}")
-        if types[name] in (bool, "bool") and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+        flag, inline, value = argv[i].partition("=")
+        name = flag.removeprefix("--").replace("-", "_")
+        if not flag.startswith("--"):
+            raise ValueError(f"{argv[i]!r} is not a flag: give --name value or --name=value (lists are comma "
+                             "lists, without spaces)")
+        if RENAMED.get(name) in types:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"{program(cls)}: warning: --{name} is now --{RENAMED[name]}; the old name goes in the next "
+                      "release", file=sys.stderr, flush=True)
+            name = RENAMED[name]
+        if name not in types:
+            close = difflib.get_close_matches(name, types, n=1)
+            hint = f"did you mean --{close[0]}?" if close else f"{program(cls)} --help lists the flags"
+            raise ValueError(f"unknown flag {flag!r}: {hint}")
+        if inline:
+            values[name], i = _convert(name, types[name], value), i + 1
+        elif types[name] in (bool, "bool") and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             values[name], i = True, i + 1
-            continue
-        if i + 1 == len(argv):
+        elif i + 1 == len(argv):
             raise ValueError(f"flag --{name} needs a value")
-        values[name], i = _convert(name, types[name], argv[i + 1]), i + 2
+        else:
+            values[name], i = _convert(name, types[name], argv[i + 1]), i + 2
     return values
 
 
@@ -138,6 +178,73 @@ def _convert(name: str, kind, text: str):
         return kind(text)
     except ValueError:
         raise ValueError(f"--{name} takes a {kind.__name__}, not {text!r}") from None
+
+
+def program(cls) -> str:
+    """The entry point that defines dataclass `cls` (train.py, evaluate.py)."""
+    return Path(sys.modules[cls.__module__].__file__).name
+
+
+def flag_help(cls) -> dict[str, tuple[str, str]]:
+    """field -> (section, description), read from the source of dataclass `cls`: the `# comment` after the field
+    is its description, a comment on a line of its own heads the fields below it."""
+    lines = inspect.getsource(cls).splitlines(keepends=True)
+    found, section, names = {}, "", {f.name for f in fields(cls)}
+    for token in tokenize.generate_tokens(iter(lines).__next__):
+        if token.type != tokenize.COMMENT:
+            continue
+        text = token.string.lstrip("#").strip()
+        first = token.line.split(":")[0].strip()
+        if token.line.strip().startswith("#"):
+            section = text
+        elif first in names:
+            found[first] = (section, text)
+    return {name: found.get(name, (section, "")) for name in names}
+
+
+def usage(cls, toy_defaults: dict) -> str:
+    """--help: every field of `cls` as a flag, with its default, description and allowed range, by section."""
+    module = sys.modules[cls.__module__]
+    limits = getattr(module, "LIMITS", {})
+    lines = [f"usage: {program(cls)} [--flag value | --flag=value ...]   (a bool flag alone means true)",
+             (module.__doc__ or "").strip().splitlines()[0]]
+    if toy_defaults:
+        lines.append("(toy X): the default without --base, in the toy world (toy_model.TRAIN_DEFAULTS)")
+    helps, section = flag_help(cls), None
+    for f in fields(cls):
+        where, text = helps[f.name]
+        if where != section:
+            section = where
+            lines += ["", f"{section or 'flags'}:"]
+        default = '""' if f.default == "" else str(f.default)
+        if toy_defaults.get(f.name, f.default) != f.default:
+            default += f" (toy {toy_defaults[f.name]})"
+        text += f" [{limits[f.name]}]" if f.name in limits else ""
+        if len(default) <= 20:
+            lines.append(f"  --{f.name:<21} {default:<20} {text}")
+        else:
+            lines += [f"  --{f.name:<21} {'(below)':<20} {text}", f"  {'':<23} default: {default}"]
+    renamed = [f"--{old} is now --{new}" for old, new in getattr(module, "RENAMED", {}).items() if new in helps]
+    if renamed:
+        lines += ["", f"renamed (the old name works, with a warning, until the next release): {'; '.join(renamed)}"]
+    return "\n".join(lines)
+
+
+def check_limits(cfg, limits: dict[str, str]) -> None:
+    """Every numeric field of `cfg` in its range ("> 0", ">= 1", ...): a finite number, else a one-line error."""
+    for name, limit in limits.items():
+        value, (op, bound) = getattr(cfg, name), limit.split()
+        if not (math.isfinite(value) and (value > float(bound) if op == ">" else value >= float(bound))):
+            raise ValueError(f"--{name} {value}: must be {limit}")
+
+
+def check_out_folder(out: Path, inside: str) -> None:
+    """--out names a folder: refuse an existing file, and a name that looks like a file's (out/student.safetensors)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; --out names a folder (it gets {inside}): choose another --out")
+    if out.suffix.lower() in FILE_SUFFIXES and not out.is_dir():
+        raise ValueError(f"--out {out} looks like a file name; --out names a folder (it gets {inside}): "
+                         f"e.g. --out {out.with_suffix('')}")
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -160,8 +267,23 @@ def parse_pairs(spec: str, flag: str) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
             raise ValueError(f"--{flag}: expected task=value, got {item!r}")
+        if key in pairs:
+            raise ValueError(f"--{flag}: {key} is given twice; give each once")
         pairs[key] = value
     return pairs
+
+
+def task_weights(spec: str) -> dict[str, float]:
+    """--task_weights 'a=1,b=3' -> {a: 1.0, b: 3.0}; every weight a finite number."""
+    weights = {}
+    for task, text in parse_pairs(spec, "task_weights").items():
+        try:
+            weights[task] = float(text)
+        except ValueError:
+            weights[task] = math.nan
+        if not math.isfinite(weights[task]):
+            raise ValueError(f"--task_weights {task}={text}: the weight must be a number, e.g. {task}=1")
+    return weights
 
 
 def sample_groups(prompts: dict[str, list[str]], weights: dict[str, float], n: int, seed: int) -> list[tuple[str, str]]:
@@ -246,13 +368,11 @@ def check_batch(cfg: Config, world: int) -> int:
         raise ValueError(f"--images_per_iteration {cfg.images_per_iteration} is not divisible by world size {world} "
                          f"x --group_size {cfg.group_size}")
     local = cfg.images_per_iteration // world
-    if local % (cfg.optimizer_steps * cfg.micro_batch):
-        raise ValueError(f"{local} images per rank do not split into --optimizer_steps {cfg.optimizer_steps} "
+    if local % (cfg.updates * cfg.micro_batch):
+        raise ValueError(f"{local} images per rank do not split into --updates {cfg.updates} "
                          f"x micro-batches of --micro_batch {cfg.micro_batch}")
     if not 0 < cfg.train_steps <= cfg.steps:
         raise ValueError(f"--train_steps {cfg.train_steps} must be in 1..--steps {cfg.steps}")
-    if cfg.iterations < 1:
-        raise ValueError(f"--iterations {cfg.iterations}: give at least 1")
     return local
 
 
@@ -277,9 +397,10 @@ def resolve_data(cfg: Config) -> tuple[dict, dict, dict]:
     if teachers and teachers.keys() != prompt_files.keys():
         raise ValueError(f"tasks with a teacher {sorted(teachers)} and tasks with prompts {sorted(prompt_files)} differ; "
                          "give --teachers and --prompts for the same tasks")
-    weights = {task: 1.0 for task in prompt_files} | {t: float(w) for t, w in parse_pairs(cfg.task_weights, "task_weights").items()}
-    if weights.keys() != prompt_files.keys() or min(weights.values()) < 0:
-        raise ValueError(f"--task_weights: give non-negative weights for tasks {sorted(prompt_files)} only")
+    weights = {task: 1.0 for task in prompt_files} | task_weights(cfg.task_weights)
+    if weights.keys() != prompt_files.keys() or min(weights.values()) < 0 or max(weights.values()) == 0:
+        raise ValueError(f"--task_weights {cfg.task_weights}: give weights >= 0, at least one > 0, for tasks "
+                         f"{sorted(prompt_files)} only")
     for path in [*teachers.values(), *filter(None, [Path(cfg.anchor) if cfg.anchor else None,
                                                    Path(cfg.init_lora) if cfg.init_lora else None])]:
         if not path.exists():
@@ -309,7 +430,11 @@ def add_student(transformer, cfg: Config) -> list[torch.nn.Parameter]:
 
 
 def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -> Run:
-    """Validate, load the base (or take `base`, e.g. bench.py's), teachers, anchor and student; write the record."""
+    """Validate, load the base (or take `base`, e.g. bench.py's), teachers, anchor and student. Writes nothing:
+    main writes the record (write_record) once --resume has loaded its checkpoint."""
+    check_limits(cfg, LIMITS)
+    out = Path(cfg.out)
+    check_out_folder(out, "lora.safetensors, config.json, checkpoints/")
     local = check_batch(cfg, world)
     if cfg.algo not in ALGOS:
         raise ValueError(f"unknown --algo {cfg.algo!r}: use one of {sorted(ALGOS)}")
@@ -317,6 +442,12 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
         raise ValueError(f"unknown --loss {cfg.loss!r}: use one of {sorted(LOSSES)}")
     if (cfg.reward or cfg.task_rewards) and cfg.algo != "grpo":
         raise ValueError(f"--reward and --task_rewards are for --algo grpo, not --algo {cfg.algo}")
+    if (out / "config.json").exists() and not (cfg.overwrite or cfg.resume):
+        raise ValueError(f"--out {out} holds another run; choose another --out, or pass --resume or --overwrite")
+    if cfg.resume and not cfg.resume_or_start and checkpoint.latest(out) is None:
+        found = "a run stopped before its first checkpoint" if (out / "config.json").exists() else "no run"
+        raise ValueError(f"--resume: {out} holds {found}; check --out, or pass --resume_or_start to start there")
+    checkpoint.check_out(out)
     reward = None
     if cfg.algo == "grpo":
         import grpo                                                            # grpo.py builds on this module
@@ -324,10 +455,6 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
     teachers, prompts, weights = resolve_data(cfg)
     if cfg.algo == "grpo":
         grpo.check_tasks(prompts, cfg.task_rewards)
-    out = Path(cfg.out)
-    if (out / "config.json").exists() and not (cfg.overwrite or cfg.resume):
-        raise ValueError(f"--out {out} holds another run; choose another --out, or pass --resume or --overwrite")
-    checkpoint.check_out(out)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = base or load_base(cfg.base, device, dtype, cfg.resolution, cfg.max_sequence_length)
     alpha = cfg.lora_alpha or None
@@ -335,6 +462,12 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
     anchor = load_anchor(base.transformer, cfg.anchor, alpha)
     torch.manual_seed(cfg.seed)                                                # the same fresh LoRA on every rank
     params = add_student(base.transformer, cfg)
+    if cfg.init_lora:                                # the student has the file's rank and alpha: record those
+        student = base.transformer.peft_config["student"]
+        if rank == 0 and (student.r, student.lora_alpha) != (cfg.rank, cfg.alpha):
+            print(f"--init_lora {cfg.init_lora}: rank {student.r}, alpha {student.lora_alpha:g} (not --rank "
+                  f"{cfg.rank}, --alpha {cfg.alpha:g}); recorded as such", flush=True)
+        cfg = replace(cfg, rank=student.r, alpha=float(student.lora_alpha))
     n_params = sum(p.numel() for p in params)
     checkpoint.check_out(out, need_bytes=(max(cfg.keep, 1) + 1) * 4 * 4 * n_params)   # fp32 LoRA, 2 moments, export
     speed_up(base.transformer, cfg)
@@ -345,11 +478,10 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
     kl_w = kl_weights(sigmas, cfg.noise_level, cfg.kl_weighting)
     if rank == 0:
         print(f"batch: {cfg.images_per_iteration} images/iteration = {world} ranks x {local} "
-              f"({local // cfg.group_size} prompts x {cfg.group_size}); {cfg.optimizer_steps} optimizer steps of "
-              f"{local // cfg.optimizer_steps} images/rank in micro-batches of {cfg.micro_batch}; "
+              f"({local // cfg.group_size} prompts x {cfg.group_size}); {cfg.updates} optimizer updates of "
+              f"{local // cfg.updates} images/rank in micro-batches of {cfg.micro_batch}; "
               f"{cfg.train_steps}/{cfg.steps} steps trained. student LoRA: {n_params / 1e6:.2f}M params; "
               f"teachers: {routes}; anchor: {anchor or 'base'}", flush=True)
-        write_record(cfg, out, base.name, world)
     return Run(cfg, rank, world, device, base, routes, anchor, prompts, weights, params, optimizer, loss_fn,
                kl_w, sigmas, local, checkpoint.identity(cfg, base.name, teachers, prompts), reward)
 
@@ -427,7 +559,7 @@ def opd_iteration(run: Run, iteration: int) -> dict:
         timer["targets"] += clock(run.device) - t1
         batches.append(MicroBatch(list(tasks), cond, traj.x, traj.log_prob, v_teacher, v_anchor))
 
-    # 4-5. for each optimizer step: every micro-batch, every trained step j: student forward with grad, loss, backward
+    # 4-5. for each optimizer update: every micro-batch, every trained step j: student forward with grad, loss, backward
     stats = Stats(list(run.prompts), run.device)
     train_passes(run, batches, step_loss, stats, timer)
     return stats.summary() | {f"seconds_{k}": v for k, v in timer.items()}
@@ -450,17 +582,17 @@ def velocities_at_states(run: Run, adapters: list, traj, cond) -> torch.Tensor:
 
 
 def train_passes(run: Run, batches: list, step_fn, stats, timer: dict) -> None:
-    """Steps 4-5 for any per-step loss (OPD here, GRPO in grpo.py): for each of the optimizer steps, its share
+    """Steps 4-5 for any per-step loss (OPD here, GRPO in grpo.py): for each of the --updates, its share
     of the micro-batches, every trained step j: loss with grad, backward; then the guarded AdamW step.
     step_fn(run, batch, j) -> (loss [b], {metric name: [b]})"""
     cfg = run.cfg
-    per_step = len(batches) // cfg.optimizer_steps
-    for k in range(cfg.optimizer_steps):
+    micro_batches_per_update = len(batches) // cfg.updates
+    for k in range(cfg.updates):
         t0, loss_sum = clock(run.device), torch.zeros((), device=run.device)
-        for batch in batches[k * per_step: (k + 1) * per_step]:
+        for batch in batches[k * micro_batches_per_update: (k + 1) * micro_batches_per_update]:
             for j in range(cfg.train_steps):
                 loss, logged = step_fn(run, batch, j)                          # [b], {name: [b]}
-                (loss.mean() / (per_step * cfg.train_steps)).backward()
+                (loss.mean() / (micro_batches_per_update * cfg.train_steps)).backward()
                 stats.add(batch.tasks, loss=loss, **logged)
                 loss_sum += loss.detach().sum()
         t1 = clock(run.device)
@@ -476,17 +608,18 @@ def sft_iteration(run: Run, iteration: int) -> dict:
     mine, seeds = local_batch(run, iteration)
     sigmas = base.sigmas(cfg.sft_sample_steps)
     stats = Stats(list(run.prompts), run.device)
-    per_step = run.local_images // cfg.optimizer_steps // cfg.micro_batch
-    for k in range(cfg.optimizer_steps):
+    micro_batches_per_update = run.local_images // cfg.updates // cfg.micro_batch
+    images_per_update = micro_batches_per_update * cfg.micro_batch
+    for k in range(cfg.updates):
         loss_sum = torch.zeros((), device=run.device)
-        for start in range(k * per_step * cfg.micro_batch, (k + 1) * per_step * cfg.micro_batch, cfg.micro_batch):
+        for start in range(k * images_per_update, (k + 1) * images_per_update, cfg.micro_batch):
             tasks, prompts = zip(*mine[start: start + cfg.micro_batch])
             cond = base.condition(list(prompts))
             noise, draws = initial_noise(seeds[start: start + cfg.micro_batch], base.latent_shape, 2, run.device)
             x0 = teacher_samples(transformer, route(tasks, run.routes), noise, sigmas, cond, cfg.guidance)
             sigma = torch.sigmoid(draws[1].flatten(1)[:, 0])                   # logit-normal sigma, per sample
             loss = flow_matching_loss(transformer, x0, cond, sigma, draws[0])   # [b]
-            (loss.mean() / per_step).backward()
+            (loss.mean() / micro_batches_per_update).backward()
             stats.add(tasks, loss=loss.detach())
             loss_sum += loss.detach().sum()
         stats.norms.append(optimizer_step(run, loss_sum))
@@ -583,19 +716,18 @@ class Stats:
 # ----------------------------------------------------------------------------------------- main
 
 def resume(run: Run) -> int:
-    """--resume: load --out's newest checkpoint (checkpoint.load) and drop metrics logged after it. -> first iteration"""
+    """--resume: load --out's newest checkpoint (checkpoint.load; --resume_or_start: none yet = iteration 1) and
+    drop metrics logged after it. -> first iteration"""
     out = Path(run.cfg.out)
     path = checkpoint.latest(out) if run.cfg.resume else None
-    if path is None:
-        if run.cfg.resume and run.rank == 0:
-            print(f"--resume: no checkpoint in {out}/checkpoints, starting at iteration 1", flush=True)
-        return 1
-    start = checkpoint.load(run, path)
-    if run.rank == 0:
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-        kept = [line for line in lines if json.loads(line)["iteration"] < start]
-        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
-        print(f"--resume: {path.name}, going on at iteration {start}", flush=True)
+    start = checkpoint.load(run, path, RENAMED) if path else 1
+    if run.cfg.resume and run.rank == 0:
+        if (out / "metrics.jsonl").exists():
+            lines = (out / "metrics.jsonl").read_text().splitlines()
+            kept = [line for line in lines if json.loads(line)["iteration"] < start]
+            (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+        print(f"--resume: {path.name}, going on at iteration {start}" if path else
+              f"--resume_or_start: no checkpoint in {out}/checkpoints, starting at iteration 1", flush=True)
     return start
 
 
@@ -615,6 +747,8 @@ def main(argv: list[str]) -> None:
     try:
         run = setup(cfg, rank, world, device)
         start, iterate = resume(run), ALGOS[cfg.algo]
+        if rank == 0:
+            write_record(run.cfg, Path(cfg.out), run.base.name, world)
         progress = tqdm(range(start, cfg.iterations + 1), disable=rank != 0, desc=f"flow-{cfg.algo}",
                         dynamic_ncols=True, initial=start - 1, total=cfg.iterations)
         for iteration in progress:
@@ -638,12 +772,24 @@ def main(argv: list[str]) -> None:
         dist.destroy_process_group()
 
 
+def exit_with_error(program: str, error: Exception, code: int) -> None:
+    """End the process with `error` as ONE line, also under torchrun: printed by rank 0 only (every rank meets
+    the same error), and written to this rank's torchrun error file (TORCHELASTIC_ERROR_FILE, in the JSON
+    layout of torch.distributed.elastic.multiprocessing.errors), so torchrun's failure summary, the last thing
+    it prints, shows this line under "Root Cause" instead of a link."""
+    line = f"{program}: error: {error}"
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        record = {"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}
+        Path(os.environ["TORCHELASTIC_ERROR_FILE"]).write_text(json.dumps(record))
+    sys.exit(code)
+
+
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except (ValueError, FileNotFoundError, LoRAFileError) as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error("train.py", error, 2)
     except Diverged as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
-        sys.exit(1)
+        exit_with_error("train.py", error, 1)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's recipe on SD3.5-Medium (DESIGN 3.7), 8 GPUs of one node: merge-init cold start, then Flow-OPD
+# The paper's recipe on SD3.5-Medium (docs/method.md section 10), 8 GPUs of one node: merge-init cold start, then Flow-OPD
 # with MAR against the base. Needs local copies of SD3.5-M, the Flow-GRPO LoRAs and Flow-GRPO's prompt files.
 # --micro_batch 16 --compile: the fastest configuration measured under 70 GB (README, Speed).
 # Usage: SD35M=/models/sd3.5-medium LORAS=/models/loras DATA=/data/flow_grpo/dataset bash runs/sd35m_opd.sh

@@ -22,10 +22,10 @@ pids=()
 # beta 0.04 improved ocr slowly. Round 2 (this list): the paper's clip 1e-4 and beta 0.04, lower lr, more steps.
 run ocr_lr1e-3       --reward toy_ocr --lr 1e-3 --clip_range 1e-4 --beta 0.04
 run ocr_lr3e-4       --reward toy_ocr --lr 3e-4 --clip_range 1e-4 --beta 0.04
-run ocr_lr3e-4_4steps --reward toy_ocr --lr 3e-4 --clip_range 1e-4 --beta 0.04 --optimizer_steps 4 --micro_batch 32
+run ocr_lr3e-4_4steps --reward toy_ocr --lr 3e-4 --clip_range 1e-4 --beta 0.04 --updates 4 --micro_batch 32
 run geneval_lr1e-3   --reward toy_geneval --lr 1e-3 --clip_range 1e-4 --beta 0.04
 run geneval_lr3e-4   --reward toy_geneval --lr 3e-4 --clip_range 1e-4 --beta 0.04
-run geneval_lr3e-4_4steps --reward toy_geneval --lr 3e-4 --clip_range 1e-4 --beta 0.04 --optimizer_steps 4 --micro_batch 32
+run geneval_lr3e-4_4steps --reward toy_geneval --lr 3e-4 --clip_range 1e-4 --beta 0.04 --updates 4 --micro_batch 32
 run quality_lr3e-4   --reward toy_quality --lr 3e-4 --clip_range 1e-4 --beta 0.04
 for pid in "${pids[@]}"; do wait "$pid" || { echo "a run failed: see $OUT/*.log" >&2; exit 1; }; done
 

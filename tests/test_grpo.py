@@ -167,7 +167,7 @@ def test_grpo_trains_on_the_toy_base(tmp_path):
 
 
 def test_two_processes_give_the_same_lora_as_one(tmp_path):
-    args = [*GRPO, "--iterations", "1", "--optimizer_steps", "1"]
+    args = [*GRPO, "--iterations", "1", "--updates", "1"]
     run_train([*args, "--out", tmp_path / "one"], nproc=1)
     run_train([*args, "--out", tmp_path / "two"], nproc=2)                    # one group per rank
     one, two = load_lora(tmp_path / "one" / "lora.safetensors"), load_lora(tmp_path / "two" / "lora.safetensors")

@@ -1,4 +1,4 @@
-"""sde_sampler.py against diffusers' scheduler, torch.distributions and DESIGN 3.1's closed forms."""
+"""sde_sampler.py against diffusers' scheduler, torch.distributions and docs/method.md section 3's closed forms."""
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler

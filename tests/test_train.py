@@ -109,7 +109,7 @@ def test_only_student_lora_parameters_receive_gradients(sd3_folder, data, tmp_pa
 
 
 def test_two_processes_give_the_same_lora_as_one(sd3_folder, data, tmp_path):
-    args = ["--iterations", "2", "--optimizer_steps", "1", "--lr", "1e-3"]
+    args = ["--iterations", "2", "--updates", "1", "--lr", "1e-3"]
     run_train([*common(sd3_folder, data, tmp_path / "one"), *args], nproc=1)
     run_train([*common(sd3_folder, data, tmp_path / "two"), *args], nproc=2)
     one, two = load_lora(tmp_path / "one" / "lora.safetensors"), load_lora(tmp_path / "two" / "lora.safetensors")
@@ -154,7 +154,7 @@ BAD_INPUTS = {
     "batch not divisible": (lambda t, f, d: {"images_per_iteration": 6}, "not divisible by world size 1 x --group_size 4"),
     "truncated safetensors": (lambda t, f, d: {"anchor": truncated(t, d)}, "cannot read LoRA .*truncated.safetensors"),
     "unknown flag": (lambda t, f, d: {"learning_rate": 0.1}, "unknown flag '--learning_rate'"),
-    "zero iterations": (lambda t, f, d: {"iterations": 0}, "--iterations 0: give at least 1"),
+    "zero iterations": (lambda t, f, d: {"iterations": 0}, "--iterations 0: must be >= 1"),
     "read-only out": (lambda t, f, d: {"out": "/sys/flow_opd_out"}, "--out /sys/flow_opd_out is not writable"),
 }
 
@@ -208,8 +208,12 @@ def test_world_size_not_dividing_the_batch_is_refused_on_every_rank(sd3_folder, 
     out = tmp_path / "out"
     args = [*common(sd3_folder, data, out), "--images_per_iteration", "4", "--group_size", "4"]   # later flags win
     result = run_train(args, nproc=2, check=False)                           # fine for 1 process, not for 2
-    assert result.returncode != 0 and "--images_per_iteration 4 is not divisible by world size 2 x --group_size 4" \
-        in result.stderr and not out.exists()
+    message = "train.py: error: --images_per_iteration 4 is not divisible by world size 2 x --group_size 4"
+    assert result.returncode != 0 and not out.exists()
+    lines = result.stderr.splitlines()
+    assert lines.count(message) == 1                                          # printed once, by rank 0
+    assert lines.count(f"  traceback : {message}") == 2                       # and in torchrun's summary, each rank
+    assert lines[-2] == f"  traceback : {message}"                            # the last line but torchrun's ====
 
 
 def test_a_prompt_beyond_the_text_encoders_is_truncated_with_one_warning(sd3_folder, data, tmp_path):
