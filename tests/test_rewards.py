@@ -308,7 +308,7 @@ def test_stopped_server_raises_clear_error_quickly():
     process.terminate()
     process.wait(10)
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match=f"remote reward at {url} failed after 3 attempts.*rewards.py serve"):
+    with pytest.raises(RuntimeError, match=f"reward server at {url} failed after 3 attempts.*rewards.py serve"):
         reward(torch.ones(1, 3, 8, 8), ["a"])
     assert time.monotonic() - start < 2  # refused at once: only the backoff sleeps (0.1 + 0.2 s)
 
