@@ -306,7 +306,10 @@ def main(argv: list[str]) -> None:
         for label, adapter in rows.items() if rewards else ():
             table[label], grids[label], extras[label] = evaluate_row(base, adapter, jobs, rewards, cfg, rank, world)
             if rank == 0:
-                print(f"{label}: " + ", ".join(f"{t} {m:.3f}" for t, m in table[label].items()), flush=True)
+                tag_means = {t: f" (mean over tags {e['tag_mean']:.3f})" for t, e in extras[label].items()
+                             if "tag_mean" in e}
+                print(f"{label}: " + ", ".join(f"{t} {m:.3f}{tag_means.get(t, '')}" for t, m in table[label].items()),
+                      flush=True)
         if rank == 0 and rewards:
             write_results(cfg, table, grids, jobs, time.perf_counter() - t0, world, extras)
     finally:

@@ -6,7 +6,7 @@ GRPO-Mix baseline, and evaluation. The paper's four metrics map here as (what tr
   PickScore  `pickscore` (raw, ~21-23: the paper's table); `pickscore_reward` = raw / 26 (Flow-GRPO's reward)
   GenEval    `geneval_server`: the GenEval detector of the reward-server project, in its own environment, fed
              each prompt's metadata. Trains on `scores` (partial credit per clause); evaluate.py reports `rewards`
-             (GenEval's pass/fail per image; their mean is the paper's GenEval number, per tag in results.json)
+             (GenEval's pass/fail per image; the mean of the six per-tag accuracies is GenEval's overall score)
   DeQA       `deqa_server`: DeQA-Score of the reward-server project. Trains on its `outputs` (DeQA / 5);
              evaluate.py reports 5 * outputs (the 1-5 score of the paper's table)
 plus VLM judges over an OpenAI-compatible chat API (`unifiedreward`, `qwenvl`, or `vlm_judge` with your own
@@ -339,7 +339,8 @@ def post(url: str, body: bytes, content_type: str, timeout: float, retries: int,
          headers: dict | None = None) -> bytes:
     """POST `body`; retry (sleep backoff * 2^k) on timeouts, refused or reset connections and 5xx; other 4xx raise
     at once. Bounded: at most retries + 1 attempts, each giving up after `timeout` seconds without progress, then a
-    RuntimeError naming the url, the last problem (a 500's last traceback line) and `hint`. -> the 200 answer body"""
+    RewardError naming the url, the last problem (a 500's last traceback line) and `hint`. -> the 200 answer body"""
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -355,7 +356,7 @@ def post(url: str, body: bytes, content_type: str, timeout: float, retries: int,
             problem = f"HTTP {error.code}: {lines[-1][:300]}"                   # a traceback's last line says most
             if error.code < 500:
                 raise RewardError(f"reward server at {url} rejected the batch ({problem})") from None
-        except OSError as error:  # refused, reset, timed out (URLError and TimeoutError are OSErrors)
+        except (OSError, http.client.HTTPException) as error:  # refused, reset, timed out, garbled
             problem = repr(getattr(error, "reason", error))
     raise RewardError(f"reward server at {url} failed after {retries + 1} attempts ({problem}); {hint}")
 
@@ -501,8 +502,9 @@ def ask_reward_server(url: str, request: dict, fields: tuple, n: int, timeout, r
         except (TypeError, ValueError):
             values = None
         if values is None or len(values) != n or not all(math.isfinite(v) for v in values):
+            keys = list(reply)[:8] if isinstance(reply, dict) else type(reply).__name__
             raise RewardError(f"reward server at {url} answered {field}={str(values)[:120]} for {n} images; "
-                               f"expected {n} finite numbers (answer keys: {list(reply)[:8] if isinstance(reply, dict) else type(reply).__name__})")
+                              f"expected {n} finite numbers (answer keys: {keys})")
         got[field] = values
     return got
 
@@ -513,9 +515,10 @@ def make_geneval_server(url: str, timeout=120.0, retries=3, backoff=1.0, batch_s
     Training (evaluation=False): the reward is `scores`, GenEval's partial credit (per clause of the prompt, how
     closely the count/colour/position is met, averaged), what Flow-GRPO trains on; sent with only_strict=true (the
     server then skips the official check, as Flow-GRPO does in training).
-    Evaluation (evaluate.py): the reward is `rewards`, GenEval's official pass/fail per image (only_strict=false),
-    whose mean is Flow-GRPO's eval "accuracy" and the paper's GenEval number (GenEval's own overall score is the
-    mean of its six per-tag accuracies: evaluate.py's results.json `by_tag`); details: score, strict_accuracy."""
+    Evaluation (evaluate.py): the reward is `rewards`, GenEval's official pass/fail per image (only_strict=false).
+    Its mean over images is Flow-GRPO's eval "accuracy" (evaluate.py's table); GenEval's overall score, the number
+    GenEval papers report, is the mean of the six per-tag accuracies (results.json breakdown: by_tag, tag_mean).
+    Details: score (the partial credit), strict_accuracy."""
     fields = ("scores", "rewards", "strict_rewards")
 
     def reward(images, prompts, metadata):
@@ -620,7 +623,7 @@ def make_vlm_judge(url: str, model: str, template: str, pattern: str, max_score=
         missing = [answer for score, answer in judged if score is None]
         if missing and (not parsed or len(missing) > float(max_unparseable) * len(judged)):
             raise RewardError(f"judge at {endpoint}: {len(missing)} of {len(judged)} answers hold no score matching "
-                               f"{pattern!r} (more than max_unparseable={max_unparseable}); first: {missing[0][:200]!r}")
+                              f"{pattern!r} (more than max_unparseable={max_unparseable}); first: {missing[0][:200]!r}")
         fill = sum(parsed) / len(parsed) if parsed else 0.0
         scores = [fill if score is None else score for score, _ in judged]
         return torch.tensor(scores), {"unparseable": [float(score is None) for score, _ in judged]}
@@ -755,12 +758,12 @@ REWARDS = {
     "geneval_server": make_geneval_server,
     "deqa_server": make_deqa_server,
     "vlm_judge": make_vlm_judge,
-    "unifiedreward": functools.partial(make_vlm_judge, model="UnifiedReward-7b-v1.5",
+    "unifiedreward": functools.partial(make_vlm_judge, model="CodeGoat24/UnifiedReward-7b-v1.5",
                                        template=str(JUDGES / "unifiedreward.txt"),
                                        pattern=r"Final Score:\s*([0-9]+(?:\.[0-9]+)?)"),
     "qwenvl": functools.partial(make_vlm_judge, model="Qwen/Qwen2.5-VL-7B-Instruct",
-                                template=str(JUDGES / "qwenvl.txt"), pattern=r"<Score>\s*([0-9]+(?:\.[0-9]+)?)\s*</Score>",
-                                max_tokens=2048),
+                                template=str(JUDGES / "qwenvl.txt"),
+                                pattern=r"<Score>\s*([0-9]+(?:\.[0-9]+)?)\s*</Score>", max_tokens=2048),
     "brightness": make_brightness,
     "toy_geneval": functools.partial(make_toy, "geneval"),
     "toy_ocr": functools.partial(make_toy, "ocr"),
@@ -849,7 +852,7 @@ def parse_reward_options(spec: str, flag: str = "--reward_options") -> dict[str,
             raise ValueError(f"{flag}: expected reward.option=value (e.g. geneval_server.url=http://127.0.0.1:18085), "
                              f"got {item!r}")
         if option == "evaluation":
-            raise ValueError(f"{flag}: {item!r}: evaluation is not an option (evaluate.py asks for the evaluation score)")
+            raise ValueError(f"{flag}: {item!r}: evaluation is not an option (evaluate.py sets it)")
         options.setdefault(key, {})[option] = value
     return options
 

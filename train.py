@@ -62,7 +62,7 @@ class Config:
     algo: str = "opd"                  # opd | sft (cold start: flow matching on teacher samples) | grpo (grpo.py)
     reward: str = ""                   # grpo: a reward name or comma list name=weight, scoring every sample
     task_rewards: str = ""             # grpo: comma list task=reward, each sample's own task (GRPO-Mix)
-    reward_options: str = ""           # grpo: comma list reward.option=value (geneval_server.url=http://127.0.0.1:18085)
+    reward_options: str = ""           # grpo: comma list reward.option=value, e.g. geneval_server.url=http://HOST:PORT
     loss: str = "gkd"                  # gkd | kl_only
     kl_weighting: str = "reference"    # reference | exact
     beta: float = 0.04                 # MAR weight (grpo: weight of the KL to the base)

@@ -176,7 +176,7 @@ def test_down_stalled_and_failing_servers_end_in_a_clear_error_within_the_bound(
         start = time.monotonic()
         with pytest.raises(rewards.RewardError, match="failed after 2 attempts.*timed out"):
             rewards.make_reward("geneval_server", url=url, timeout=0.3, retries=1, backoff=0.05)(image, ["a"], meta)
-        assert 0.6 <= time.monotonic() - start < 1.5                         # 2 x 0.3 s + 0.05 s
+        assert 0.6 <= time.monotonic() - start < 2.0                         # 2 x 0.3 s + 0.05 s
 
     calls = []
 
@@ -192,7 +192,7 @@ def test_down_stalled_and_failing_servers_end_in_a_clear_error_within_the_bound(
 # ----------------------------------------------------------------------------------------- VLM judge
 
 class Judge:
-    """An OpenAI-compatible chat server: canned answers per prompt (one per attempt), records peak requests in flight."""
+    """An OpenAI-compatible chat server: canned answers per prompt (one per attempt); records the peak in flight."""
 
     def __init__(self, answers: dict, delay: float = 0.0):
         self.answers, self.delay, self.lock = answers, delay, threading.Lock()
@@ -256,7 +256,8 @@ def test_vlm_judge_concurrency_is_bounded_and_presets_ship_templates(template):
         judge.requests.clear()
         unified = rewards.make_reward("unifiedreward", url=url)(torch.rand(1, 3, 8, 8), ["a red cube"])
         text = judge.requests[0][3]["messages"][0]["content"][1]["text"]
-        assert "Text Caption: [a red cube]" in text and "Final Score:" in text and unified.tolist() == [pytest.approx(0.6)]
+        assert "Text Caption: [a red cube]" in text and "Final Score:" in text
+        assert unified.tolist() == [pytest.approx(0.6)]
     assert "<Score>" in (ROOT / "judges" / "qwenvl.txt").read_text()
     assert rewards.make_reward("qwenvl", url="http://127.0.0.1:9") is not None
 
@@ -265,10 +266,10 @@ def test_vlm_judge_concurrency_is_bounded_and_presets_ship_templates(template):
 
 @pytest.fixture(scope="module")
 def our_server():
-    """`rewards.py serve`'s server in this process: brightness, JSON protocol; and a pickle one. 1 s socket timeout."""
+    """`rewards.py serve`'s server in this process: brightness, JSON protocol; and a pickle one. 1.5 s socket timeout."""
     servers = {}
     for protocol in ("json", "pickle"):
-        server = rewards.make_server("127.0.0.1", 0, protocol, max_body=1 << 20, timeout=1.0)
+        server = rewards.make_server("127.0.0.1", 0, protocol, max_body=1 << 20, timeout=1.5)
         server.reward, server.name = rewards.make_reward("brightness"), "brightness"
         threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         servers[protocol] = (server, f"http://127.0.0.1:{server.server_port}")
@@ -330,7 +331,7 @@ def test_a_stalled_half_body_does_not_block_others_and_is_dropped(our_server):
     start = time.monotonic()
     remote = rewards.make_reward("remote", url=our_server["json"], timeout=5, retries=0)
     assert remote(torch.ones(2, 3, 8, 8), ["a", "b"]).tolist() == [1.0, 1.0]
-    assert time.monotonic() - start < 0.8                                   # not behind the stalled one (1 s)
+    assert time.monotonic() - start < 1.2                                   # not behind the stalled one (1.5 s)
     assert stalled.recv(100) == b""                                          # dropped after the socket timeout
     stalled.close()
 
@@ -367,7 +368,8 @@ def test_score_cli_on_a_wrong_size_image_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         rewards.main(["score", "--reward", "toy_ocr", "--prompt", 'a sign "hi"', str(tmp_path / "big.png")])
     error = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and error.count("\n") == 0 and "512" in error and error.startswith("rewards.py: error:")
+    assert exit_.value.code == 2 and error.count("\n") == 0 and "512" in error
+    assert error.startswith("rewards.py: error:")
 
 
 # ----------------------------------------------------------------------------------------- options
@@ -432,7 +434,7 @@ def test_read_prompts_keeps_every_field_and_names_file_and_line(tmp_path):
     assert [p.metadata for p in train.read_prompts(tmp_path / "t.txt")] == [None, None]
 
     cases = {"p.json": ('{"prompt": "a"}\n', r"p\.json: expected a \.txt .* or \.jsonl"),
-             "k.jsonl": ('{"prompt": "a"}\n\n{"caption": "b"}\n', r"k\.jsonl:3: expected a JSON object with a \"prompt\""),
+             "k.jsonl": ('{"prompt": "a"}\n\n{"caption": "b"}\n', r"k\.jsonl:3: expected a JSON object with a \"prom"),
              "m.jsonl": ('{"prompt": "a"}\n{"prompt": "b",}\n', r"m\.jsonl:2: malformed JSON"),
              "u.txt": (b"fine\n\xff bad\n", r"u\.txt:2: not UTF-8")}
     for name, (content, message) in cases.items():
@@ -479,10 +481,10 @@ def geneval_prompts(tmp_path_factory) -> Path:
 
 def test_grpo_metadata_reaches_the_reward_per_sample_with_1_and_2_processes(geneval_prompts, tmp_path):
     prompts = {"geneval": train.read_prompts(geneval_prompts), "ocr": train.read_prompts(ROOT / "toy/ocr_train.txt")}
-    seed = next(s for s in range(50) if Counter(t for t, _ in train.sample_groups(prompts, {"geneval": 1, "ocr": 1}, 4,
-                                                                            train.sample_seed(s, 1))) == {"geneval": 2, "ocr": 2})
-    groups = train.sample_groups(prompts, {"geneval": 1.0, "ocr": 1.0}, 4, train.sample_seed(seed, 1))
-    images = [g for g in groups for _ in range(2)]                            # 8 images, groups of 2
+    def groups(seed):                                                         # iteration 1's 4 groups
+        return train.sample_groups(prompts, {"geneval": 1.0, "ocr": 1.0}, 4, train.sample_seed(seed, 1))
+    seed = next(s for s in range(50) if Counter(t for t, _ in groups(s)) == {"geneval": 2, "ocr": 2})
+    images = [g for g in groups(seed) for _ in range(2)]                      # 8 images, groups of 2
     halves = [[p.metadata for t, p in images[h * 4: h * 4 + 4] if t == "geneval"] for h in (0, 1)]
     expected = Counter(json.dumps(h) for h in halves if h)                    # one request per micro-batch of 4
     assert sum(len(h) for h in halves) == 4 and all(m["id"] in range(6) for h in halves for m in h)
@@ -520,7 +522,8 @@ def test_evaluate_metadata_reaches_the_reward_per_sample_with_1_and_2_processes(
         tags = {m["tag"] for m in metadata}
         by_tag = {t: np.mean([a for a, m in zip(accuracy, metadata) if m["tag"] == t]) for t in tags}
         breakdown = record["breakdown"]["base"]["geneval"]
-        assert breakdown["by_tag"] == pytest.approx(by_tag) and breakdown["tag_mean"] == pytest.approx(np.mean(list(by_tag.values())))
+        assert breakdown["by_tag"] == pytest.approx(by_tag)
+        assert breakdown["tag_mean"] == pytest.approx(np.mean(list(by_tag.values())))
         assert set(breakdown["details"]) == {"score", "strict_accuracy"}
 
 
