@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import json
 import os
 from pathlib import Path
+from statistics import fmean
 import sys
 import time
 
@@ -139,17 +140,14 @@ def evaluate_row(base, adapter, jobs: dict, rewards: dict, cfg: EvalConfig, rank
 def breakdown(rows: list) -> dict:
     """rows: (score, tag or None, {detail: value}) per image -> {"by_tag": {tag: mean score}, "tag_mean": mean of
     those (GenEval's overall score is the mean of its per-tag accuracies), "details": {detail: mean}}, where present."""
-    def mean(values):
-        values = list(values)
-        return sum(values) / len(values)
     extras = {}
     tags = sorted({tag for _, tag, _ in rows if tag is not None})
     if tags:
-        extras["by_tag"] = {tag: mean(s for s, t, _ in rows if t == tag) for tag in tags}
-        extras["tag_mean"] = mean(extras["by_tag"].values())
+        extras["by_tag"] = {tag: fmean(s for s, t, _ in rows if t == tag) for tag in tags}
+        extras["tag_mean"] = fmean(extras["by_tag"].values())
     names = sorted({name for _, _, d in rows for name in d})
     if names:
-        extras["details"] = {name: mean(d[name] for _, _, d in rows if name in d) for name in names}
+        extras["details"] = {name: fmean(d[name] for _, _, d in rows if name in d) for name in names}
     return extras
 
 

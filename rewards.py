@@ -578,6 +578,8 @@ def make_vlm_judge(url: str, model: str, template: str, pattern: str, max_score=
     land in the run's config.json); none set: no Authorization header (sglang and vLLM need none by default)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    if not Path(template).is_file():
+        raise FileNotFoundError(f"judge template not found: {template} (a text file; {{prompt}} marks the prompt)")
     text = Path(template).read_text()
     regex = re.compile(pattern)
     if regex.groups < 1:

@@ -276,7 +276,7 @@ class Run:
     sigmas: torch.Tensor                # [T+1]
     local_images: int                   # images per rank per iteration
     identity: dict                      # what a checkpoint must match to continue this run (checkpoint.py)
-    reward: object = None               # grpo: reward(images, prompts, tasks, metadata) -> (r [B], parts), grpo.make_reward
+    reward: object = None               # grpo: reward(images, prompts, tasks, metadata) -> (r [B], parts) (grpo.py)
     bad_steps: int = 0                  # non-finite optimizer steps in a row
 
 
