@@ -7,8 +7,12 @@ length 128 tokens, the folder's scheduler shift (3.0). The toy world ignores res
 For each model row (the base, then each `--lora`), every task's test prompts are generated with the
 deterministic sampler (sde_sampler.sample_ode: Euler steps of the CFG velocity, 40 steps and g = 4.5 for
 SD3.5-M), one fixed seed per (prompt, image), sharded across torchrun ranks (rank r takes prompts r::N),
-and scored by the task's reward (rewards.py). Rank 0 writes the table (markdown + JSON) and a PNG grid of
-the first prompts of every row, captioned.
+and scored by the task's reward (rewards.py) with each prompt's metadata (a .jsonl line's whole dict, None for .txt;
+GenEval needs it). Rewards are built for evaluation: a remote GenEval or DeQA reward reports the paper's number,
+not the training reward (rewards.py; docs/rewards.md), set up with `--reward_options reward.option=value,...`
+(the spelling train.py uses). Rank 0 writes the table (markdown + JSON) and a PNG grid of the first prompts of
+every row, captioned. results.json also holds a `breakdown` per row and task: the mean per metadata "tag" (GenEval's
+six categories), their mean, and the means of a reward's side values (e.g. a judge's unparseable answers).
 
 "average" = mean over tasks of the task means, with the paper's normalisation of PickScore (/26) and DeQA
 (/5) for tasks of those names (the paper's "Average" of GenEval, OCR, DeQA/5, PickScore/26).
@@ -40,6 +44,7 @@ from dataclasses import dataclass
 import json
 import os
 from pathlib import Path
+from statistics import fmean
 import sys
 import time
 
@@ -50,7 +55,8 @@ from PIL import Image, ImageDraw
 import checkpoint
 from merge_lora import LoRAFileError, load_lora
 from models import load_base
-from rewards import make_reward, to_tensor, to_uint8
+from rewards import (RewardError, check_metadata, check_reward_options, make_reward, parse_reward_options, to_tensor,
+                     to_uint8)
 from sde_sampler import initial_noise, sample_ode
 from teachers import BASE, add_adapter, use_adapter
 import toy_tasks
@@ -74,6 +80,7 @@ class EvalConfig:
     tasks: str = ""                    # comma list; "" = every task with prompts (toy: geneval,ocr,quality)
     prompts: str = ""                  # comma list task=file; "" = the toy test splits
     rewards: str = ""                  # comma list task=reward name (rewards.py); "" = toy_<task>
+    reward_options: str = ""           # comma list reward.option=value (geneval_server.url=http://127.0.0.1:18085)
     lora_alpha: float = 0.0            # alpha for LoRA files that carry none
     steps: int = 40                    # ODE steps
     guidance: float = 4.5              # CFG scale g
@@ -112,8 +119,10 @@ def gather(values: list, world: int) -> list:
 
 
 def evaluate_row(base, adapter, jobs: dict, rewards: dict, cfg: EvalConfig, rank: int, world: int):
-    """-> ({task: mean score}, {task: (rank 0's first images [k,3,H,W], their prompts)}) for one model."""
-    means, grids = {}, {}
+    """-> ({task: mean score}, {task: (rank 0's first images [k,3,H,W], their prompts)}, {task: extras}) for one
+    model. Each image is scored with its prompt's metadata; extras (see breakdown) are per-tag means and the means of
+    the reward's side values."""
+    means, grids, extras = {}, {}, {}
     for task, (prompts, seeds) in jobs.items():
         mine_p, mine_s = shard(prompts, rank, world), shard(seeds, rank, world)
         if cfg.layout:                                        # score the files write_layout wrote or kept
@@ -122,12 +131,31 @@ def evaluate_row(base, adapter, jobs: dict, rewards: dict, cfg: EvalConfig, rank
         else:
             with use_adapter(base.transformer, adapter):
                 images = generate(base, mine_p, mine_s, cfg.steps, cfg.guidance, cfg.batch)
-        scores = rewards[task](images, mine_p).tolist() if mine_p else []
-        all_scores = gather(scores, world)
-        means[task] = sum(all_scores) / len(all_scores)
+        metadata = [getattr(p, "metadata", None) for p in mine_p]            # each prompt's .jsonl line, or None
+        scores = rewards[task](images, mine_p, metadata).tolist() if mine_p else []
+        details = {name: value.tolist() for name, value in rewards[task].details.items()} if mine_p else {}
+        tags = [m.get("tag") if isinstance(m, dict) else None for m in metadata]
+        mine = [(s, tag, {name: v[i] for name, v in details.items()}) for i, (s, tag) in enumerate(zip(scores, tags))]
+        rows = gather(mine, world)                            # (score, tag, details) of every image, all ranks
+        means[task] = sum(s for s, _, _ in rows) / len(rows)
+        extras[task] = breakdown(rows)
         k = max(1, cfg.grid // world)
         grids[task] = (images[:k], mine_p[:k])                # this rank's shard: prompts r, r + N, ...
-    return means, grids
+    return means, grids, extras
+
+
+def breakdown(rows: list) -> dict:
+    """rows: (score, tag or None, {detail: value}) per image -> {"by_tag": {tag: mean score}, "tag_mean": mean of
+    those (GenEval's overall score is the mean of its per-tag accuracies), "details": {detail: mean}}, where present."""
+    extras = {}
+    tags = sorted({tag for _, tag, _ in rows if tag is not None})
+    if tags:
+        extras["by_tag"] = {tag: fmean(s for s, t, _ in rows if t == tag) for tag in tags}
+        extras["tag_mean"] = fmean(extras["by_tag"].values())
+    names = sorted({name for _, _, d in rows for name in d})
+    if names:
+        extras["details"] = {name: fmean(d[name] for _, _, d in rows if name in d) for name in names}
+    return extras
 
 
 def layout_files(out: Path, task: str, prompts: list[str], images_per_prompt: int) -> list[Path]:
@@ -230,9 +258,13 @@ def resolve_jobs(cfg: EvalConfig) -> tuple[dict, dict]:
     missing = [t for t in tasks if t not in files or (scored and (cfg.base or cfg.layout) and t not in given)]
     if missing:
         raise ValueError(f"tasks {missing} need a prompt file (--prompts) and a reward (--rewards task=name)")
+    options = parse_reward_options(cfg.reward_options)
+    check_reward_options(options, [reward_names[t] for t in tasks] if scored else [])
     jobs, n = {}, cfg.images_per_prompt
     for task in tasks:
         prompts = read_prompts(files[task])
+        if scored:                                            # e.g. geneval_server without *_metadata.jsonl
+            check_metadata(reward_names[task], [p.metadata for p in prompts], f"task {task!r} ({files[task]})")
         if cfg.layout:                                        # one file name per (prompt, k)
             prompts = list(dict.fromkeys(prompts))
             for prompt in prompts:
@@ -241,7 +273,9 @@ def resolve_jobs(cfg: EvalConfig) -> tuple[dict, dict]:
         seeds = ([sample_seed(cfg.seed, p, k) for p in range(len(prompts)) for k in range(n)] if cfg.layout
                  else [sample_seed(cfg.seed, i) for i in range(len(prompts) * n)])
         jobs[task] = ([p for p in prompts for _ in range(n)], seeds)
-    return jobs, {t: make_reward(reward_names[t]) for t in tasks} if scored else {}
+    names = dict.fromkeys(reward_names[t] for t in tasks) if scored else {}
+    built = {key: make_reward(key, evaluation=True, **options.get(key, {})) for key in names}   # once per reward
+    return jobs, {t: built[reward_names[t]] for t in tasks} if scored else {}
 
 
 def main(argv: list[str]) -> None:
@@ -277,18 +311,22 @@ def main(argv: list[str]) -> None:
             generated, total = write_layout(base, next(iter(rows.values())), jobs, cfg, rank, world)
             if rank == 0:
                 print(f"{cfg.layout}: {generated} images generated, {total - generated} kept, in {cfg.out}", flush=True)
-        table, grids = {}, {}
+        table, grids, extras = {}, {}, {}
         for label, adapter in rows.items() if rewards else ():
-            table[label], grids[label] = evaluate_row(base, adapter, jobs, rewards, cfg, rank, world)
+            table[label], grids[label], extras[label] = evaluate_row(base, adapter, jobs, rewards, cfg, rank, world)
             if rank == 0:
-                print(f"{label}: " + ", ".join(f"{t} {m:.3f}" for t, m in table[label].items()), flush=True)
+                tag_means = {t: f" (mean over tags {e['tag_mean']:.3f})" for t, e in extras[label].items()
+                             if "tag_mean" in e}
+                print(f"{label}: " + ", ".join(f"{t} {m:.3f}{tag_means.get(t, '')}" for t, m in table[label].items()),
+                      flush=True)
         if rank == 0 and rewards:
-            write_results(cfg, table, grids, jobs, time.perf_counter() - t0, world)
+            write_results(cfg, table, grids, jobs, time.perf_counter() - t0, world, extras)
     finally:
         dist.destroy_process_group()
 
 
-def write_results(cfg: EvalConfig, table: dict, grids: dict, jobs: dict, seconds: float, world: int) -> None:
+def write_results(cfg: EvalConfig, table: dict, grids: dict, jobs: dict, seconds: float, world: int,
+                  extras: dict | None = None) -> None:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     text = markdown_table(table)
@@ -296,7 +334,7 @@ def write_results(cfg: EvalConfig, table: dict, grids: dict, jobs: dict, seconds
     (out / "table.md").write_text(text + "\n")
     record = {"table": table, "average": {row: average(m) for row, m in table.items()},
               "prompts": {t: len(p) for t, (p, _) in jobs.items()}, "config": cfg.__dict__, "seconds": seconds,
-              "world_size": world}
+              "world_size": world, "breakdown": extras or {}}
     (out / "results.json").write_text(json.dumps(record, indent=2))
     save_grid(grids, out / "grid.png")
 
@@ -304,5 +342,5 @@ def write_results(cfg: EvalConfig, table: dict, grids: dict, jobs: dict, seconds
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, KeyError, LoRAFileError) as error:
+    except (ValueError, FileNotFoundError, KeyError, LoRAFileError, RewardError) as error:
         exit_with_error("evaluate.py", error, 2)

@@ -26,10 +26,19 @@ trained step j (j = 0 .. train_steps-1):
   default is the train prompts of the tasks of --task_rewards, else of the toy_<task> rewards in --reward.
   No --teachers.
 
+- Rewards get each image's prompt metadata: a .jsonl prompt line's whole dict (None for .txt prompts) rides with
+  its prompt (train.Prompt) through sampling, sharding and the rollout to reward(images, prompts, metadata), as
+  Flow-GRPO's GenEval reward needs (`--task_rewards geneval=geneval_server --reward_options
+  geneval_server.url=http://127.0.0.1:18085`; docs/rewards.md). A reward that needs metadata and would get none
+  is refused at start-up (check_tasks). Remote rewards are trained on their training score (GenEval: the partial
+  credit `scores`, sent with only_strict=true); evaluate.py reports the paper's numbers (rewards.py).
+
 Deviations from Flow-GRPO's code: groups are positional (G consecutive images of one drawn prompt, whole on
 one rank), not keyed on the prompt text across the gathered batch, so a prompt drawn twice forms two groups;
 the reference velocities are computed once after the rollout instead of at each training pass (the base is
-frozen: same values); prompt metadata is not passed to the reward (train.py reads prompts only).
+frozen: same values). The authors' Flow-GRPO and Flow-OPD scripts drop every sample whose advantage is zero at
+all steps (the groups of equal rewards), then add back a few at random to keep the batch divisible, so those
+samples also lose their KL term; we train on all samples (a zero-variance group still pulls toward the base).
 
 Demo: torchrun --nproc_per_node=1 train.py --algo grpo --reward toy_ocr --out out/grpo_toy_ocr
 """
@@ -39,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from opd_loss import step_kl
-from rewards import REWARDS, make_weighted_reward
+from rewards import REWARDS, check_metadata, check_reward_options, make_weighted_reward, parse_reward_options
 from rewards import make_reward as make_single_reward
 from toy_tasks import TASKS as TOY_TASKS
 from train import (Stats, clock, local_batch, parse_pairs, student_rollout, student_step, train_passes,
@@ -105,22 +114,30 @@ def task_reward_names(task_spec: str) -> dict[str, str]:
     return names
 
 
-def make_reward(spec: str, task_spec: str = ""):
+def make_reward(spec: str, task_spec: str = "", options_spec: str = ""):
     """r_i = R_task(i)(x_i) + sum_k w_k r_k(x_i): the sample's own task's reward (--task_rewards; GRPO-Mix over
     tasks, as the paper scores GenEval prompts with GenEval and OCR prompts with OCR) plus the weighted rewards
-    that score every sample (--reward).  -> reward(images, prompts, tasks) -> (r [B], {part: r_part [B]})"""
-    routed = {task: make_single_reward(name.split(":")[0]) for task, name in task_reward_names(task_spec).items()}
-    shared = make_weighted_reward(reward_weights(spec)) if spec or not routed else None
+    that score every sample (--reward), each built with its --reward_options.
+    -> reward(images, prompts, tasks, metadata) -> (r [B], {part: r_part [B]}); metadata: one dict or None per image"""
+    options, names = parse_reward_options(options_spec), task_reward_names(task_spec)
+    weights = reward_weights(spec) if spec or not names else {}
+    check_reward_options(options, [*names.values(), *weights])
+    built = {name: make_single_reward(name, **options.get(name, {})) for name in dict.fromkeys(names.values())}
+    routed = {task: built[name] for task, name in names.items()}
+    shared = make_weighted_reward(weights, {k: v for k, v in options.items() if k in weights}) if weights else None
 
-    def reward(images, prompts, tasks):
-        total, parts = shared(images, prompts) if shared else (torch.zeros(len(prompts)), {})
+    def reward(images, prompts, tasks, metadata=None):
+        metadata = metadata or [None] * len(prompts)
+        total, parts = shared(images, prompts, metadata) if shared else (torch.zeros(len(prompts)), {})
         if not routed:
             return total, parts
-        own = torch.zeros(len(prompts))
+        own, details = torch.zeros(len(prompts)), {}
         for task in dict.fromkeys(tasks):
             rows = [i for i, t in enumerate(tasks) if t == task]
-            own[rows] = routed[task](images[rows], [prompts[i] for i in rows])  # R_task(i)(x_i)
-        return total + own, {"task": own} | parts
+            own[rows] = routed[task](images[rows], [prompts[i] for i in rows], [metadata[i] for i in rows])  # R_task(i)
+            for name, value in routed[task].details.items():                   # e.g. a judge's unparseable answers
+                details.setdefault(f"task_{name}", torch.zeros(len(prompts)))[rows] += value
+        return total + own, {"task": own} | details | parts
 
     return reward
 
@@ -134,11 +151,17 @@ def toy_tasks(spec: str, task_spec: str = "") -> list[str]:
     return [task for task in TOY_TASKS if f"toy_{task}" in keys]
 
 
-def check_tasks(prompts: dict, task_spec: str) -> None:
-    """With --task_rewards, every task with prompts needs its reward (refused before the base loads)."""
-    missing = sorted(set(prompts) - set(task_reward_names(task_spec))) if task_spec else []
+def check_tasks(prompts: dict, task_spec: str, spec: str = "") -> None:
+    """With --task_rewards, every task with prompts needs its reward; a reward that needs metadata (GenEval's) gets
+    it for every prompt it scores (both refused before the base loads)."""
+    names = task_reward_names(task_spec)
+    missing = sorted(set(prompts) - set(names)) if task_spec else []
     if missing:
         raise ValueError(f"--task_rewards: no reward for task(s) {missing} that have prompts; add task=reward")
+    shared = list(reward_weights(spec)) if spec else []
+    for task, task_prompts in prompts.items():
+        for key in ([names[task]] if task_spec else []) + shared:
+            check_metadata(key, [getattr(p, "metadata", None) for p in task_prompts], f"task {task!r} (--prompts)")
 
 
 # ----------------------------------------------------------------------------------------- one iteration
@@ -178,7 +201,8 @@ def sample(run, groups: list, seeds: list, timer: dict) -> ScoredBatch:
     t0 = clock(run.device)
     cond, traj = student_rollout(run, prompts, seeds)
     t1 = clock(run.device)
-    reward, parts = run.reward(run.base.decode(traj.x[-1]), list(prompts), list(tasks))  # r_i on x_T   [b]
+    metadata = [getattr(p, "metadata", None) for p in prompts]                 # each prompt's .jsonl line or None
+    reward, parts = run.reward(run.base.decode(traj.x[-1]), list(prompts), list(tasks), metadata)  # r_i on x_T  [b]
     rewards = {"reward": reward} | ({f"reward_{k}": v for k, v in parts.items()} if len(parts) > 1 else {})
     t2 = clock(run.device)
     v_base = velocities_at_states(run, [run.anchor] * len(tasks), traj, cond)

@@ -45,6 +45,7 @@ from mar import load_anchor
 from merge_lora import LoRAFileError, load_lora
 from models import load_base
 from opd_loss import LOSSES, kl_weights, step_kl
+from rewards import RewardError
 from sde_sampler import cfg_velocity, gaussian_log_prob, initial_noise, rollout, sde_mean, sde_scale, transition_std
 from sft import flow_matching_loss
 from teachers import add_adapter, load_teachers, parse_teachers, route, target_velocities, teacher_samples
@@ -68,6 +69,7 @@ class Config:
     algo: str = "opd"                  # opd | sft (cold start: flow matching on teacher samples) | grpo (grpo.py)
     reward: str = ""                   # grpo: a reward name or comma list name=weight, scoring every sample
     task_rewards: str = ""             # grpo: comma list task=reward, each sample's own task (GRPO-Mix)
+    reward_options: str = ""           # grpo: comma list reward.option=value, e.g. geneval_server.url=http://HOST:PORT
     loss: str = "gkd"                  # gkd | kl_only
     kl_weighting: str = "reference"    # reference | exact
     beta: float = 0.04                 # MAR weight (grpo: weight of the KL to the base)
@@ -249,15 +251,54 @@ def check_out_folder(out: Path, inside: str) -> None:
 
 # ----------------------------------------------------------------------------------------- data
 
-def read_prompts(path: Path) -> list[str]:
-    """A .txt file (one prompt a line) or a .jsonl file (a "prompt" field a line)."""
+class Prompt(str):
+    """A prompt's text, carrying its .jsonl line's whole dict as `.metadata` (None for .txt prompts). Being a str, it
+    goes wherever a prompt goes (sampling, sharding, the text encoder, the rollout) and its metadata with it, up to
+    reward(images, prompts, metadata): GenEval's `*_metadata.jsonl` clauses (tag, include, exclude) reach the reward."""
+    metadata: dict | None = None
+
+    def __new__(cls, text: str, metadata: dict | None = None):
+        prompt = super().__new__(cls, text)
+        prompt.metadata = metadata
+        return prompt
+
+    def __reduce__(self):                                                      # pickled (all_gather_object) whole
+        return Prompt, (str(self), self.metadata)
+
+
+def read_prompts(path: Path) -> list[Prompt]:
+    """A .txt file (one prompt a line; metadata None) or a .jsonl file (one JSON object a line with a "prompt"
+    string; the whole object, every field kept, is the prompt's metadata). Blank lines are skipped."""
+    if path.suffix not in (".txt", ".jsonl"):
+        raise ValueError(f"prompt file {path}: expected a .txt (one prompt a line) or .jsonl (a \"prompt\" field a "
+                         "line) file; rename it or convert it")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    prompts = [json.loads(line)["prompt"] for line in lines] if path.suffix == ".jsonl" else lines
+    prompts = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}:{number}: not UTF-8 ({error.reason} at byte {error.start}); save the file as "
+                             "UTF-8") from None
+        if line and path.suffix == ".txt":
+            prompts.append(Prompt(line))
+        elif line:
+            prompts.append(jsonl_prompt(line, f"{path}:{number}"))
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts")
     return prompts
+
+
+def jsonl_prompt(line: str, where: str) -> Prompt:
+    """One .jsonl line -> Prompt(line["prompt"], metadata=the whole object); errors name `where` (file:line)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: malformed JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        raise ValueError(f"{where}: expected a JSON object with a \"prompt\" string, got {line[:80]!r}")
+    return Prompt(record["prompt"], record)
 
 
 def parse_pairs(spec: str, flag: str) -> dict[str, str]:
@@ -358,7 +399,7 @@ class Run:
     sigmas: torch.Tensor                # [T+1]
     local_images: int                   # images per rank per iteration
     identity: dict                      # what a checkpoint must match to continue this run (checkpoint.py)
-    reward: object = None               # grpo: reward(images, prompts, tasks) -> (r [B], parts), grpo.make_reward
+    reward: object = None               # grpo: reward(images, prompts, tasks, metadata) -> (r [B], parts) (grpo.py)
     bad_steps: int = 0                  # non-finite optimizer steps in a row
 
 
@@ -448,13 +489,15 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
         found = "a run stopped before its first checkpoint" if (out / "config.json").exists() else "no run"
         raise ValueError(f"--resume: {out} holds {found}; check --out, or pass --resume_or_start to start there")
     checkpoint.check_out(out)
+    if cfg.reward_options and cfg.algo != "grpo":
+        raise ValueError(f"--reward_options are for the rewards of --algo grpo, not --algo {cfg.algo}")
     reward = None
     if cfg.algo == "grpo":
         import grpo                                                            # grpo.py builds on this module
-        reward = grpo.make_reward(cfg.reward, cfg.task_rewards)                # reward models load once, here
+        reward = grpo.make_reward(cfg.reward, cfg.task_rewards, cfg.reward_options)   # reward models load once, here
     teachers, prompts, weights = resolve_data(cfg)
     if cfg.algo == "grpo":
-        grpo.check_tasks(prompts, cfg.task_rewards)
+        grpo.check_tasks(prompts, cfg.task_rewards, cfg.reward)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = base or load_base(cfg.base, device, dtype, cfg.resolution, cfg.max_sequence_length)
     alpha = cfg.lora_alpha or None
@@ -789,7 +832,7 @@ def exit_with_error(program: str, error: Exception, code: int) -> None:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, LoRAFileError) as error:
+    except (ValueError, FileNotFoundError, LoRAFileError, RewardError) as error:
         exit_with_error("train.py", error, 2)
     except Diverged as error:
         exit_with_error("train.py", error, 1)

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -303,13 +304,16 @@ def test_reward_failure_is_a_500():
 
 
 def test_stopped_server_raises_clear_error_quickly():
-    process, url = start_server("brightness")
+    server = rewards.make_server("127.0.0.1", 0)                             # `rewards.py serve`'s, in this process
+    server.reward, server.name = rewards.make_reward("brightness"), "brightness"
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
     reward = rewards.make_reward("remote", url=url, timeout=2, retries=2, backoff=0.1)
     assert reward(torch.ones(1, 3, 8, 8), ["a"]).tolist() == [1.0]
-    process.terminate()
-    process.wait(10)
+    server.shutdown()
+    server.server_close()
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match=f"remote reward at {url} failed after 3 attempts.*rewards.py serve"):
+    with pytest.raises(RuntimeError, match=f"reward server at {url} failed after 3 attempts.*rewards.py serve"):
         reward(torch.ones(1, 3, 8, 8), ["a"])
     assert time.monotonic() - start < 2  # refused at once: only the backoff sleeps (0.1 + 0.2 s)
 
