@@ -8,7 +8,8 @@ For each model row (the base, then each `--lora`), every task's test prompts are
 deterministic sampler (sde_sampler.sample_ode: Euler steps of the CFG velocity, 40 steps and g = 4.5 for
 SD3.5-M), one fixed seed per (prompt, image), sharded across torchrun ranks (rank r takes prompts r::N),
 and scored by the task's reward (rewards.py). Rank 0 writes the table (markdown + JSON) and a PNG grid of
-the first prompts of every row, captioned.
+the first prompts of every row, captioned. Generation, scoring and the grid are heldout.py's, shared with
+train.py's in-loop evaluation (--eval_every), so the two give the same numbers for the same weights.
 
 "average" = mean over tasks of the task means, with the paper's normalisation of PickScore (/26) and DeQA
 (/5) for tasks of those names (the paper's "Average" of GenEval, OCR, DeQA/5, PickScore/26).
@@ -45,16 +46,16 @@ import time
 
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
+from PIL import Image
 
+import heldout
+from heldout import average, generate, shard
 from merge_lora import LoRAFileError, load_lora
 from models import load_base
-from rewards import make_reward, to_tensor, to_uint8
-from sde_sampler import initial_noise, sample_ode
+from rewards import make_reward, to_uint8
 from teachers import BASE, add_adapter, use_adapter
 from train import parse_flags, parse_pairs, read_prompts, sample_seed, setup_distributed
 
-NORMALISE = {"pickscore": 26.0, "deqa": 5.0}                   # the paper's Average divides these by their scale
 LAYOUTS = ("", "t2i_compbench")
 SAME_ON_RESUME = ("base", "lora", "lora_alpha", "skip_base", "steps", "guidance", "resolution", "max_sequence_length",
                   "seed")
@@ -82,45 +83,12 @@ class EvalConfig:
     layout: str = ""                   # "" = score and tabulate; t2i_compbench = image files for its scorers
 
 
-def generate(base, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch: int) -> torch.Tensor:
-    """ODE samples for prompts[i] from seeds[i].  -> images [N, 3, H, W] in [0, 1], on the CPU"""
-    images = []
-    sigmas = base.sigmas(steps)
-    for start in range(0, len(prompts), batch):
-        cond = base.condition(prompts[start: start + batch])
-        x0, _ = initial_noise(seeds[start: start + batch], base.latent_shape, 0, base.device)
-        images.append(base.decode(sample_ode(base.transformer, cond, x0, sigmas, guidance)).cpu())
-    return torch.cat(images) if images else torch.empty(0)
-
-
-def shard(items: list, rank: int, world: int) -> list:
-    return items[rank::world]
-
-
-def gather(values: list, world: int) -> list:
-    """Concatenate every rank's list (rank order)."""
-    parts = [None] * world
-    dist.all_gather_object(parts, values)
-    return [v for part in parts for v in part]
-
-
 def evaluate_row(base, adapter, jobs: dict, rewards: dict, cfg: EvalConfig, rank: int, world: int):
-    """-> ({task: mean score}, {task: (rank 0's first images [k,3,H,W], their prompts)}) for one model."""
-    means, grids = {}, {}
-    for task, (prompts, seeds) in jobs.items():
-        mine_p, mine_s = shard(prompts, rank, world), shard(seeds, rank, world)
-        if cfg.layout:                                        # score the files write_layout wrote or kept
-            files = shard(layout_files(Path(cfg.out), task, prompts, cfg.images_per_prompt), rank, world)
-            images = to_tensor([Image.open(f) for f in files]) if files else torch.empty(0)
-        else:
-            with use_adapter(base.transformer, adapter):
-                images = generate(base, mine_p, mine_s, cfg.steps, cfg.guidance, cfg.batch)
-        scores = rewards[task](images, mine_p).tolist() if mine_p else []
-        all_scores = gather(scores, world)
-        means[task] = sum(all_scores) / len(all_scores)
-        k = max(1, cfg.grid // world)
-        grids[task] = (images[:k], mine_p[:k])                # this rank's shard: prompts r, r + N, ...
-    return means, grids
+    """heldout.evaluate_row with this config; the layouts score the files write_layout wrote or kept."""
+    files = ({task: layout_files(Path(cfg.out), task, prompts, cfg.images_per_prompt)
+              for task, (prompts, _) in jobs.items()} if cfg.layout else None)
+    return heldout.evaluate_row(base, adapter, jobs, rewards, rank, world, cfg.steps, cfg.guidance, cfg.batch,
+                                cfg.grid, files)
 
 
 def layout_files(out: Path, task: str, prompts: list[str], images_per_prompt: int) -> list[Path]:
@@ -174,37 +142,12 @@ def write_layout(base, adapter, jobs: dict, cfg: EvalConfig, rank: int, world: i
     return generated, total
 
 
-def average(means: dict) -> float:
-    return sum(m / NORMALISE.get(task, 1.0) for task, m in means.items()) / len(means)
-
-
 def markdown_table(table: dict) -> str:
     tasks = list(next(iter(table.values())))
     lines = ["| model | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
     for row, means in table.items():
         lines.append(f"| {row} | " + " | ".join(f"{means[t]:.3f}" for t in tasks) + f" | {average(means):.3f} |")
     return "\n".join(lines)
-
-
-def save_grid(grids: dict, path: Path) -> None:
-    """One row per (model, task): rank 0's first images, each captioned with its prompt (wrapped)."""
-    rows = [(label, task, images, prompts) for label, by_task in grids.items()
-            for task, (images, prompts) in by_task.items()]
-    size = max(128, rows[0][2].shape[-1])
-    cols = max(len(images) for _, _, images, _ in rows)
-    caption = 36
-    canvas = Image.new("RGB", (160 + cols * size, len(rows) * (size + caption)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, (label, task, images, prompts) in enumerate(rows):
-        y = r * (size + caption)
-        draw.text((4, y + size // 2), f"{label}\n{task}", fill="black")
-        for c, image in enumerate(images):
-            pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-            canvas.paste(Image.fromarray(pixels).resize((size, size), Image.NEAREST), (160 + c * size, y))
-            prompt = prompts[c]
-            draw.text((160 + c * size + 2, y + size + 2), "\n".join([prompt[i: i + 24] for i in range(0, 48, 24)]),
-                      fill="black")
-    canvas.save(path)
 
 
 def resolve_jobs(cfg: EvalConfig) -> tuple[dict, dict]:
@@ -287,7 +230,7 @@ def write_results(cfg: EvalConfig, table: dict, grids: dict, jobs: dict, seconds
               "prompts": {t: len(p) for t, (p, _) in jobs.items()}, "config": cfg.__dict__, "seconds": seconds,
               "world_size": world}
     (out / "results.json").write_text(json.dumps(record, indent=2))
-    save_grid(grids, out / "grid.png")
+    heldout.save_grid(grids, out / "grid.png")
 
 
 if __name__ == "__main__":

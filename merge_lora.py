@@ -134,8 +134,9 @@ def _read_alpha(weights_file: Path, header: dict) -> float | None:
     return None
 
 
-def save_lora(lora: LoRA, path) -> None:
-    """Write diffusers keys + lora_adapter_metadata, atomically (temporary file, then rename)."""
+def save_lora(lora: LoRA, path, note: dict[str, str] | None = None) -> None:
+    """Write diffusers keys + lora_adapter_metadata (+ `note`'s string entries), atomically (temporary file, then
+    rename)."""
     path = Path(path)
     modules = sorted(lora.A)
     tensors = {}
@@ -145,7 +146,7 @@ def save_lora(lora: LoRA, path) -> None:
     config = {"transformer.r": lora.rank, "transformer.lora_alpha": lora.alpha,
               "transformer.target_modules": modules}
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, temporary, metadata={"format": "pt", METADATA_KEY: json.dumps(config)})
+    save_file(tensors, temporary, metadata=(note or {}) | {"format": "pt", METADATA_KEY: json.dumps(config)})
     os.replace(temporary, path)
 
 
