@@ -753,12 +753,10 @@ def train_loop(run: Run, flag: dict, live, start: int, iterate) -> None:
             progress.set_postfix(loss=f"{metrics['loss']:.3g}", img_s=f"{metrics['images_per_s']:.1f}")
         stop = stop_requested(flag, device)
         record = checkpoint.snapshot(run, iteration)
-        flag["pending"] = None
-        if stop or iteration % cfg.save_every == 0 or last:
-            if rank == 0:
-                checkpoint.write(run, record)
-        else:
-            flag["pending"] = record                                            # written by on_signal, if one comes
+        saving = stop or iteration % cfg.save_every == 0 or last
+        flag["pending"] = None if saving else record                            # on_signal writes it if one comes
+        if saving and rank == 0:
+            checkpoint.write(run, record)
         if stop:
             if rank == 0:
                 print(f"stopped by signal {flag['signal'] or 'on another rank'} after iteration {iteration}; "
