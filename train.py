@@ -11,7 +11,10 @@ One iteration, top to bottom (see `opd_iteration`):
      finite); log; checkpoint (checkpoint.py: atomic, resumable with --resume)
 Batch sizes are global and divided by the world size. Only rank 0 writes. One code path for 1..N
 processes (NCCL on GPU, gloo on CPU); a plain `python train.py` runs as a world of one. SIGTERM or
-SIGINT (Ctrl-C) ends the current iteration, writes a checkpoint and exits 0.
+SIGINT (Ctrl-C) writes the last finished iteration's snapshot at once, ends the current iteration, writes a
+checkpoint and exits 0. Long runs (docs/long_runs.md): --ema keeps the authors' EMA of the student for
+evaluation and export (ema.py); --eval_every evaluates held-out prompts in the loop as evaluate.py does
+(heldout.py); --log sends metrics.jsonl's lines to tensorboard/wandb (live_log.py).
 Other --algo: sft (the SFT cold start, `sft_iteration`), grpo (Flow-GRPO with --reward, grpo.py).
 
 Run:  torchrun --nproc_per_node=8 train.py --base sd3.5-medium --teachers ocr=ocr_lora,geneval=geneval_lora \
@@ -400,7 +403,10 @@ def resolve_evaluation(cfg: Config, tasks: list[str]) -> tuple | None:
     for task, path in files.items():
         prompts = read_prompts(path)[: cfg.eval_max_prompts or None]
         jobs[task] = (prompts, [sample_seed(cfg.seed, i) for i in range(len(prompts))])
-    return jobs, {task: make_reward(name) for task, name in names.items()}
+    try:
+        return jobs, {task: make_reward(name) for task, name in names.items()}
+    except KeyError as error:                                                  # an unknown reward name
+        raise ValueError(f"--eval_rewards: {error.args[0]}") from None
 
 
 def speed_up(transformer, cfg: Config) -> None:
@@ -641,7 +647,7 @@ def resume(run: Run) -> int:
     start = checkpoint.load(run, path) if path else 1
     if run.cfg.resume and run.rank == 0:
         lines = (out / "metrics.jsonl").read_text().splitlines()
-        kept = [line for line in lines if json.loads(line)["iteration"] < start and start > 1]
+        kept = [line for line in lines if json.loads(line)["iteration"] < start] if start > 1 else []
         (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
         print(f"--resume: {path.name}, going on at iteration {start}" if path else
               f"--resume: no checkpoint in {out}/checkpoints, starting at iteration 1", flush=True)
@@ -741,17 +747,16 @@ def train_loop(run: Run, flag: dict, live, start: int, iterate) -> None:
         metrics = iterate(run, iteration)
         seconds = clock(device) - t0
         metrics |= {"iteration": iteration, "seconds": seconds, "images_per_s": cfg.images_per_iteration / seconds}
-        last = iteration == cfg.iterations
-        evaluating = run.evaluation is not None and (iteration % cfg.eval_every == 0 or last) and \
-            flag["signal"] is None                                              # stopping: checkpoint first
-        if evaluating:                                                          # before the snapshot: it is the state
-            metrics |= evaluate_in_loop(run, iteration)                        # the next iteration starts from
+        last, stop = iteration == cfg.iterations, stop_requested(flag, device)
+        evaluating = run.evaluation is not None and (iteration % cfg.eval_every == 0 or last) and not stop
+        if evaluating:                                   # before the snapshot, which is the next iteration's start
+            metrics |= evaluate_in_loop(run, iteration)
+            stop = stop_requested(flag, device)          # a signal during a long evaluation: stop now
         if rank == 0:
             log_metrics(run, live, metrics)
             if evaluating:
                 live.image("eval/grid", eval_grid(cfg, iteration), iteration)
             progress.set_postfix(loss=f"{metrics['loss']:.3g}", img_s=f"{metrics['images_per_s']:.1f}")
-        stop = stop_requested(flag, device)
         record = checkpoint.snapshot(run, iteration)
         saving = stop or iteration % cfg.save_every == 0 or last
         flag["pending"] = None if saving else record                            # on_signal writes it if one comes
