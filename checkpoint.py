@@ -8,9 +8,10 @@ position is the next iteration: each iteration's prompts and seeds are a pure fu
 `lora_<iteration>.safetensors` and `<out>/lora.safetensors` (the latest) hold the student alone in the
 diffusers-loadable format (merge_lora.save_lora): the EMA weights under --ema, else the live ones; the
 safetensors metadata says which ("weights": "ema" or "live", with the iteration and the EMA step).
-`snapshot` builds a checkpoint's record with its own tensor copies and `write` writes it: train.py takes a
-snapshot after every iteration and, on SIGTERM, writes the last one at once (no exports), so a launcher that
-SIGKILLs after a grace period shorter than an iteration still leaves a checkpoint (docs/long_runs.md).
+`snapshot` builds a checkpoint's record with its own tensor copies (collective) and `write` writes it (rank 0):
+train.py takes a snapshot after every iteration, writes it when a checkpoint is due and, on SIGTERM, writes the
+last one at once (no exports), so a launcher that SIGKILLs after a grace period shorter than an iteration still
+leaves a checkpoint (docs/long_runs.md).
 
 Atomic: every file is written under a temporary name in the same folder, flushed to disk, then renamed, so a
 kill at any instant leaves the previous file or the new one under the final name, never a partial one. The
@@ -107,12 +108,6 @@ def student_state(transformer) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in transformer.named_parameters() if ".student." in n}
 
 
-def save(run, iteration: int) -> Path | None:
-    """Write checkpoint `iteration` (rank 0), the LoRA exports, and prune to --keep. Collective: call on all ranks."""
-    record = snapshot(run, iteration)
-    return write(run, record) if run.rank == 0 else None
-
-
 def snapshot(run, iteration: int) -> dict | None:
     """The record of checkpoint `iteration` with its own copies of every tensor (rank 0; None on the others), so
     it stays valid while training goes on: train.py keeps the last one and writes it at once on SIGTERM.
@@ -153,7 +148,7 @@ def write(run, record: dict, exports: bool = True) -> Path:
         lora = lora_from_adapter(run.base.transformer, adapter)
         note = {"weights": "ema" if run.ema is not None else "live", "iteration": str(record["iteration"])}
         if run.ema is not None:
-            note["ema_step"] = str(run.ema.step)
+            note["ema_step"] = str(record["ema"]["step"])
         save_lora(lora, folder / f"lora_{record['iteration']:06d}.safetensors", note)
         save_lora(lora, Path(run.cfg.out) / "lora.safetensors", note)
         prune(folder, run.cfg.keep)

@@ -78,7 +78,7 @@ def add_ema(transformer, repeats: int) -> EMA:
     weights = [named[n.replace(".student.", f".{ADAPTER}.")] for n in live]
     with torch.no_grad():
         for w, n in zip(weights, live):
-            w.data = named[n].detach().float().clone()                           # exact (add_adapter rounds to the base dtype)
+            w.data = named[n].detach().float().clone()                   # exact: add_adapter rounds to the base dtype
             w.requires_grad_(False)
     return EMA(weights, repeats)
 

@@ -107,9 +107,9 @@ class Config:
     keep: int = 3                      # checkpoints kept (0 = all)
     max_bad_steps: int = 3             # abort after this many non-finite optimizer steps in a row
     # long runs (docs/long_runs.md)
-    ema: bool = False                  # EMA of the student (ema.py): evaluated and exported; rollouts use the live weights
+    ema: bool = False                  # EMA of the student (ema.py): evaluated and exported; rollouts stay live
     log: str = ""                      # live loggers beside metrics.jsonl: tensorboard, wandb or both (live_log.py)
-    eval_every: int = 0                # in-loop held-out evaluation before iteration 1, every N and after the last; 0 = none
+    eval_every: int = 0                # held-out evaluation before iteration 1, every N and after the last; 0 = none
     eval_prompts: str = ""             # comma list task=file; "" = toy world: the test prompts of the run's tasks
     eval_rewards: str = ""             # comma list task=reward name (rewards.py); "" = toy world: toy_<task>
     eval_max_prompts: int = 0          # the first N prompts of each task; 0 = all

@@ -30,8 +30,8 @@ SECONDS=0
 # start NAME [flags]: torchrun in the background, in a subshell that notes its exit code and end time
 declare -A GROUP
 start() { local name=$1; shift
-    ( torchrun --standalone --nproc_per_node=1 train.py $FLAGS "$@" --out "$OUT/$name" >"$OUT/$name.log" 2>&1
-      echo $? >"$OUT/$name.rc"; date +%s%N >"$OUT/$name.end" ) &
+    ( rc=0; torchrun --standalone --nproc_per_node=1 train.py $FLAGS "$@" --out "$OUT/$name" >"$OUT/$name.log" 2>&1 || rc=$?
+      echo $rc >"$OUT/$name.rc"; date +%s%N >"$OUT/$name.end" ) &
     GROUP[$name]=$!; }
 lines() { if [[ -f $OUT/$1/metrics.jsonl ]]; then wc -l <"$OUT/$1/metrics.jsonl"; else echo 0; fi; }
 # kill_at NAME HOW: once NAME has logged KILL_AT iterations, kill it (by pid: the torchrun agent is the subshell's

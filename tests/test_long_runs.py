@@ -127,7 +127,7 @@ def test_plot_draws_every_curve_of_the_run(long_run, tmp_path):
     (["--log", "neptune"], "--log: unknown logger 'neptune'; use tensorboard, wandb or both"),
     (["--eval_every", "-1"], "--eval_every -1: give N > 0"),
     (["--eval_every", "1", "--eval_rewards", "quality=toy_quality"], "--eval_rewards: give one reward for each task"),
-    (["--eval_every", "1", "--eval_prompts", "ocr=missing.txt"], "prompt file not found: missing.txt"),
+    (["--eval_every", "1", "--eval_prompts", "ocr=missing.txt"], "missing.txt"),
 ])
 def test_bad_long_run_flags_fail_before_loading(flags, message, tmp_path):
     assert message in train_error([*TOY, *flags, "--out", tmp_path / "run"])
