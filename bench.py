@@ -37,9 +37,10 @@ TOKENS = 205
 LATENT = {"sd35m": 64, "tiny": 8}      # latent side: 512 px / VAE factor 8 (the config's sample_size 128 is 1024 px)
 TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
            "attn.add_v_proj", "attn.to_add_out")
-# name: (micro_batch, grad_checkpointing, compile)
+# name: (micro_batch, grad_checkpointing, compile); a name ending in " ema" also keeps the EMA (--ema) and times it
 CONFIGS = {"eager b8": (8, False, False), "eager b16 ckpt": (16, True, False), "eager b16": (16, False, False),
-           "compiled b16 ckpt": (16, True, True), "compiled b16": (16, False, True), "compiled b8": (8, False, True)}
+           "compiled b16 ckpt": (16, True, True), "compiled b16": (16, False, True), "compiled b8": (8, False, True),
+           "compiled b16 ema": (16, False, True)}
 
 
 def random_base(config: dict, device, dtype, latent: int, seed: int = 0) -> Base:
@@ -148,7 +149,7 @@ def bench_config(name: str, model_config: dict, latent: int, inputs: dict, devic
     micro_batch, checkpointing, compiled = CONFIGS[name]
     base = random_base(model_config, device, torch.bfloat16 if device.type == "cuda" else torch.float32, latent)
     cfg = Config(base="random-sd3", **inputs, images_per_iteration=images, group_size=4, updates=1,
-                 micro_batch=micro_batch, grad_checkpointing=checkpointing, compile=compiled,
+                 micro_batch=micro_batch, grad_checkpointing=checkpointing, compile=compiled, ema=name.endswith(" ema"),
                  out=str(Path(inputs["anchor"]).parent / name.replace(" ", "_")), overwrite=True,
                  resolution=latent * 8)
     try:
@@ -186,11 +187,28 @@ def measure_config(run, name: str, images: int, iterations: int, flops: bool) ->
     result = {"config": name, "micro_batch": micro_batch, "checkpointing": checkpointing, "compile": compiled,
               "warmup_s": warmup, "images_per_s": images / mean["seconds"], **mean,
               "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan"), "flops": None}
+    if run.ema is not None:      # one EMA update (the EMA moves every 8th optimizer step); train.py's per-iteration
+        import checkpoint         # snapshot (LoRA + AdamW + EMA copies, written at once on SIGTERM)
+        import ema
+        result["ema_update_s"] = median_seconds(lambda: ema.update(run.ema.weights, run.params, ema.decay(7)), device)
+        result["snapshot_s"] = median_seconds(lambda: checkpoint.snapshot(run, 0), device, repeats=3)
     if flops:
         start = time.perf_counter()
         result["flops"] = count_flops(run)
         print(f"{name}: FLOPs counted in {time.perf_counter() - start:.1f} s", flush=True)
     return result
+
+
+def median_seconds(fn, device, repeats: int = 10) -> float:
+    """Median wall seconds of fn() over `repeats` calls, the device's queued work included."""
+    seconds = []
+    for _ in range(repeats):
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        seconds.append(time.perf_counter() - start)
+    return sorted(seconds)[repeats // 2]
 
 
 def main() -> None:
@@ -245,6 +263,12 @@ def table(record: dict) -> str:
         lines.append(f"| {c['config']} | {c['images_per_s']:.2f} | {c['seconds']:.2f} | {c['seconds_rollout']:.2f} | "
                      f"{c['seconds_targets']:.2f} | {c['seconds_train']:.2f} | {c['seconds_optimizer']:.3f} | "
                      f"{c['peak_gb']:.1f} | {mfu:.1%} |")
+    for c in record["configs"]:
+        if "ema_update_s" in c:
+            lines.append(f"\n{c['config']}: one EMA update {c['ema_update_s'] * 1e3:.2f} ms = "
+                         f"{c['ema_update_s'] / c['seconds']:.3%} of its iteration (the EMA moves every 8 optimizer "
+                         f"steps); train.py's per-iteration snapshot {c['snapshot_s'] * 1e3:.1f} ms = "
+                         f"{c['snapshot_s'] / c['seconds']:.2%}")
     if "teacher_precision" in record:
         p = record["teacher_precision"]
         lines.append(f"\nteacher pass (9 steps, CFG, 8 images): bf16 {p['bf16']:.2f} s, fp32/TF32 {p['fp32_tf32']:.2f} s, "

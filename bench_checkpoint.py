@@ -1,7 +1,7 @@
 """Checkpoint write time for an SD3.5-Medium student LoRA (r = 32 on the 8 attention projections, 191 modules).
 
 Builds fp32 LoRA parameters of the real shapes (from the SD3.5-M config on the meta device, no weights), takes
-one AdamW step so that both moments exist, and times what checkpoint.save writes, through the same functions:
+one AdamW step so that both moments exist, and times what checkpoint.write writes, through the same functions:
 the training checkpoint (student + AdamW state + RNG + identity, torch.save through checkpoint.write_atomic,
 fsync included) and the diffusers-format LoRA export (merge_lora.save_lora). Median of --repeats.
 

@@ -1,11 +1,17 @@
 """Checkpoints: what a killed run needs to go on exactly, written so that none is ever half-written.
 
 `<out>/checkpoints/ckpt_<iteration>.pt` holds the student LoRA (fp32, by parameter name), the AdamW state,
-the iteration, every rank's RNG states, the data position and the run's identity (config, base, and the
-sha256 of every teacher / anchor / init LoRA file). The data position is the next iteration: each
-iteration's prompts and seeds are a pure function of (--seed, iteration) (train.local_batch), so nothing
-else about the data stream needs saving. Beside it, `lora_<iteration>.safetensors` and `<out>/lora.safetensors`
-(the latest) hold the student alone in the diffusers-loadable format (merge_lora.save_lora).
+the EMA weights and step counter (--ema, ema.py), the iteration, every rank's RNG states, the data position
+and the run's identity (config, base, and the sha256 of every teacher / anchor / init LoRA file). The data
+position is the next iteration: each iteration's prompts and seeds are a pure function of (--seed, iteration)
+(train.local_batch), so nothing else about the data stream needs saving. Beside it,
+`lora_<iteration>.safetensors` and `<out>/lora.safetensors` (the latest) hold the student alone in the
+diffusers-loadable format (merge_lora.save_lora): the EMA weights under --ema, else the live ones; the
+safetensors metadata says which ("weights": "ema" or "live", with the iteration and the EMA step).
+`snapshot` builds a checkpoint's record with its own tensor copies (collective) and `write` writes it (rank 0):
+train.py takes a snapshot after every iteration, writes it when a checkpoint is due and, on SIGTERM, writes the
+last one at once (no exports), so a launcher that SIGKILLs after a grace period shorter than an iteration still
+leaves a checkpoint (docs/long_runs.md).
 
 Atomic: every file is written under a temporary name in the same folder, flushed to disk, then renamed, so a
 kill at any instant leaves the previous file or the new one under the final name, never a partial one. The
@@ -27,11 +33,13 @@ import tempfile
 import torch
 import torch.distributed as dist
 
+import ema
 from merge_lora import lora_from_adapter, save_lora
 
 # config fields that change neither the math nor the data stream: free to differ on --resume
 RESUMABLE = {"iterations", "out", "overwrite", "resume", "resume_or_start", "save_every", "keep", "max_bad_steps",
-             "grad_checkpointing", "compile", "target_batch"}
+             "grad_checkpointing", "compile", "target_batch", "log", "eval_every", "eval_prompts", "eval_rewards",
+             "eval_max_prompts", "eval_steps"}
 PATHS = {"base", "teachers", "anchor", "init_lora", "prompts"}      # compared by content instead (identity)
 
 
@@ -102,23 +110,50 @@ def student_state(transformer) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in transformer.named_parameters() if ".student." in n}
 
 
-def save(run, iteration: int) -> Path | None:
-    """Write checkpoint `iteration` (rank 0), the LoRA exports, and prune to --keep. Collective: call on all ranks."""
+def snapshot(run, iteration: int) -> dict | None:
+    """The record of checkpoint `iteration` with its own copies of every tensor (rank 0; None on the others), so
+    it stays valid while training goes on: train.py keeps the last one and writes it at once on SIGTERM.
+    Collective (gathers every rank's RNG states): call on all ranks."""
     states = [None] * run.world
     dist.all_gather_object(states, rng_state())
     if run.rank != 0:
         return None
+    ema_state = None
+    if run.ema is not None:
+        ema_state = {"step": run.ema.step, "weights": {n: w.detach().cpu().clone() for n, w in
+                                                       zip(ema.names(run.base.transformer), run.ema.weights)}}
+    return {"iteration": iteration, "next_iteration": iteration + 1, "seed": run.cfg.seed,
+            "student": student_state(run.base.transformer), "optimizer": copy_tensors(run.optimizer.state_dict()),
+            "rng": states, "world_size": run.world, "identity": run.identity, "ema": ema_state}
+
+
+def copy_tensors(value):
+    """A copy of nested dicts/lists whose tensors are cloned (on their own device)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: copy_tensors(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(copy_tensors(v) for v in value)
+    return value
+
+
+def write(run, record: dict, exports: bool = True) -> Path:
+    """Rank 0: write `record` atomically; with `exports`, the LoRA exports (EMA weights under --ema, the metadata
+    says which) and prune to --keep."""
     folder = Path(run.cfg.out) / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"iteration": iteration, "next_iteration": iteration + 1, "seed": run.cfg.seed,
-              "student": student_state(run.base.transformer), "optimizer": run.optimizer.state_dict(),
-              "rng": states, "world_size": run.world, "identity": run.identity}
-    path = folder / f"ckpt_{iteration:06d}.pt"
+    path = folder / f"ckpt_{record['iteration']:06d}.pt"
     write_atomic(path, lambda f: torch.save(record, f))
-    lora = lora_from_adapter(run.base.transformer, "student")
-    save_lora(lora, folder / f"lora_{iteration:06d}.safetensors")
-    save_lora(lora, Path(run.cfg.out) / "lora.safetensors")
-    prune(folder, run.cfg.keep)
+    if exports:
+        adapter = ema.ADAPTER if run.ema is not None else "student"
+        lora = lora_from_adapter(run.base.transformer, adapter)
+        note = {"weights": "ema" if run.ema is not None else "live", "iteration": str(record["iteration"])}
+        if run.ema is not None:
+            note["ema_step"] = str(record["ema"]["step"])
+        save_lora(lora, folder / f"lora_{record['iteration']:06d}.safetensors", note)
+        save_lora(lora, Path(run.cfg.out) / "lora.safetensors", note)
+        prune(folder, run.cfg.keep)
     return path
 
 
@@ -156,6 +191,12 @@ def load(run, path: Path, renamed: dict[str, str] | None = None) -> int:
         for name, tensor in record["student"].items():
             params[name].copy_(tensor)
     run.optimizer.load_state_dict(record["optimizer"])
+    if run.ema is not None:                                                     # --ema is part of the identity
+        weights = record["ema"]["weights"]
+        with torch.no_grad():
+            for name, w in zip(ema.names(run.base.transformer), run.ema.weights):
+                w.copy_(weights[name])
+        run.ema.step = record["ema"]["step"]
     if record["world_size"] == run.world:
         set_rng_state(record["rng"][run.rank])
     return record["next_iteration"]

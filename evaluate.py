@@ -13,6 +13,8 @@ not the training reward (rewards.py; docs/rewards.md), set up with `--reward_opt
 (the spelling train.py uses). Rank 0 writes the table (markdown + JSON) and a PNG grid of the first prompts of
 every row, captioned. results.json also holds a `breakdown` per row and task: the mean per metadata "tag" (GenEval's
 six categories), their mean, and the means of a reward's side values (e.g. a judge's unparseable answers).
+Generation, scoring and the grid are heldout.py's, shared with train.py's in-loop evaluation
+(--eval_every), so the two give the same numbers for the same weights.
 
 "average" = mean over tasks of the task means, with the paper's normalisation of PickScore (/26) and DeQA
 (/5) for tasks of those names (the paper's "Average" of GenEval, OCR, DeQA/5, PickScore/26).
@@ -44,26 +46,25 @@ from dataclasses import dataclass
 import json
 import os
 from pathlib import Path
-from statistics import fmean
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import checkpoint
+import heldout
+from heldout import average, generate, shard
 from merge_lora import LoRAFileError, load_lora
 from models import load_base
-from rewards import (RewardError, check_metadata, check_reward_options, make_reward, parse_reward_options, to_tensor,
+from rewards import (RewardError, check_metadata, check_reward_options, make_reward, parse_reward_options,
                      to_uint8)
-from sde_sampler import initial_noise, sample_ode
 from teachers import BASE, add_adapter, use_adapter
 import toy_tasks
 from train import (check_limits, check_out_folder, exit_with_error, parse_flags, parse_pairs, read_prompts, sample_seed,
                    setup_distributed)
 
-NORMALISE = {"pickscore": 26.0, "deqa": 5.0}                   # the paper's Average divides these by their scale
 LAYOUTS = ("", "t2i_compbench")
 # numeric flags: their allowed range, checked at start and shown by --help
 LIMITS = {"lora_alpha": ">= 0", "steps": ">= 1", "guidance": ">= 0", "resolution": ">= 1",
@@ -96,66 +97,12 @@ class EvalConfig:
     layout: str = ""                   # "" = score and tabulate; t2i_compbench = image files for its scorers
 
 
-def generate(base, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch: int) -> torch.Tensor:
-    """ODE samples for prompts[i] from seeds[i].  -> images [N, 3, H, W] in [0, 1], on the CPU"""
-    images = []
-    sigmas = base.sigmas(steps)
-    for start in range(0, len(prompts), batch):
-        cond = base.condition(prompts[start: start + batch])
-        x0, _ = initial_noise(seeds[start: start + batch], base.latent_shape, 0, base.device)
-        images.append(base.decode(sample_ode(base.transformer, cond, x0, sigmas, guidance)).cpu())
-    return torch.cat(images) if images else torch.empty(0)
-
-
-def shard(items: list, rank: int, world: int) -> list:
-    return items[rank::world]
-
-
-def gather(values: list, world: int) -> list:
-    """Concatenate every rank's list (rank order)."""
-    parts = [None] * world
-    dist.all_gather_object(parts, values)
-    return [v for part in parts for v in part]
-
-
 def evaluate_row(base, adapter, jobs: dict, rewards: dict, cfg: EvalConfig, rank: int, world: int):
-    """-> ({task: mean score}, {task: (rank 0's first images [k,3,H,W], their prompts)}, {task: extras}) for one
-    model. Each image is scored with its prompt's metadata; extras (see breakdown) are per-tag means and the means of
-    the reward's side values."""
-    means, grids, extras = {}, {}, {}
-    for task, (prompts, seeds) in jobs.items():
-        mine_p, mine_s = shard(prompts, rank, world), shard(seeds, rank, world)
-        if cfg.layout:                                        # score the files write_layout wrote or kept
-            files = shard(layout_files(Path(cfg.out), task, prompts, cfg.images_per_prompt), rank, world)
-            images = to_tensor([Image.open(f) for f in files]) if files else torch.empty(0)
-        else:
-            with use_adapter(base.transformer, adapter):
-                images = generate(base, mine_p, mine_s, cfg.steps, cfg.guidance, cfg.batch)
-        metadata = [getattr(p, "metadata", None) for p in mine_p]            # each prompt's .jsonl line, or None
-        scores = rewards[task](images, mine_p, metadata).tolist() if mine_p else []
-        details = {name: value.tolist() for name, value in rewards[task].details.items()} if mine_p else {}
-        tags = [m.get("tag") if isinstance(m, dict) else None for m in metadata]
-        mine = [(s, tag, {name: v[i] for name, v in details.items()}) for i, (s, tag) in enumerate(zip(scores, tags))]
-        rows = gather(mine, world)                            # (score, tag, details) of every image, all ranks
-        means[task] = sum(s for s, _, _ in rows) / len(rows)
-        extras[task] = breakdown(rows)
-        k = max(1, cfg.grid // world)
-        grids[task] = (images[:k], mine_p[:k])                # this rank's shard: prompts r, r + N, ...
-    return means, grids, extras
-
-
-def breakdown(rows: list) -> dict:
-    """rows: (score, tag or None, {detail: value}) per image -> {"by_tag": {tag: mean score}, "tag_mean": mean of
-    those (GenEval's overall score is the mean of its per-tag accuracies), "details": {detail: mean}}, where present."""
-    extras = {}
-    tags = sorted({tag for _, tag, _ in rows if tag is not None})
-    if tags:
-        extras["by_tag"] = {tag: fmean(s for s, t, _ in rows if t == tag) for tag in tags}
-        extras["tag_mean"] = fmean(extras["by_tag"].values())
-    names = sorted({name for _, _, d in rows for name in d})
-    if names:
-        extras["details"] = {name: fmean(d[name] for _, _, d in rows if name in d) for name in names}
-    return extras
+    """heldout.evaluate_row with this config (means, grids, extras); the layouts score the files write_layout wrote or kept."""
+    files = ({task: layout_files(Path(cfg.out), task, prompts, cfg.images_per_prompt)
+              for task, (prompts, _) in jobs.items()} if cfg.layout else None)
+    return heldout.evaluate_row(base, adapter, jobs, rewards, rank, world, cfg.steps, cfg.guidance, cfg.batch,
+                                cfg.grid, files)
 
 
 def layout_files(out: Path, task: str, prompts: list[str], images_per_prompt: int) -> list[Path]:
@@ -209,37 +156,12 @@ def write_layout(base, adapter, jobs: dict, cfg: EvalConfig, rank: int, world: i
     return generated, total
 
 
-def average(means: dict) -> float:
-    return sum(m / NORMALISE.get(task, 1.0) for task, m in means.items()) / len(means)
-
-
 def markdown_table(table: dict) -> str:
     tasks = list(next(iter(table.values())))
     lines = ["| model | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
     for row, means in table.items():
         lines.append(f"| {row} | " + " | ".join(f"{means[t]:.3f}" for t in tasks) + f" | {average(means):.3f} |")
     return "\n".join(lines)
-
-
-def save_grid(grids: dict, path: Path) -> None:
-    """One row per (model, task): rank 0's first images, each captioned with its prompt (wrapped)."""
-    rows = [(label, task, images, prompts) for label, by_task in grids.items()
-            for task, (images, prompts) in by_task.items()]
-    size = max(128, rows[0][2].shape[-1])
-    cols = max(len(images) for _, _, images, _ in rows)
-    caption = 36
-    canvas = Image.new("RGB", (160 + cols * size, len(rows) * (size + caption)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, (label, task, images, prompts) in enumerate(rows):
-        y = r * (size + caption)
-        draw.text((4, y + size // 2), f"{label}\n{task}", fill="black")
-        for c, image in enumerate(images):
-            pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-            canvas.paste(Image.fromarray(pixels).resize((size, size), Image.NEAREST), (160 + c * size, y))
-            prompt = prompts[c]
-            draw.text((160 + c * size + 2, y + size + 2), "\n".join([prompt[i: i + 24] for i in range(0, 48, 24)]),
-                      fill="black")
-    canvas.save(path)
 
 
 def resolve_jobs(cfg: EvalConfig) -> tuple[dict, dict]:
@@ -336,7 +258,7 @@ def write_results(cfg: EvalConfig, table: dict, grids: dict, jobs: dict, seconds
               "prompts": {t: len(p) for t, (p, _) in jobs.items()}, "config": cfg.__dict__, "seconds": seconds,
               "world_size": world, "breakdown": extras or {}}
     (out / "results.json").write_text(json.dumps(record, indent=2))
-    save_grid(grids, out / "grid.png")
+    heldout.save_grid(grids, out / "grid.png")
 
 
 if __name__ == "__main__":

@@ -221,16 +221,17 @@ def _pattern_value(pattern: dict, module: str, default):
     return pattern.get(get_pattern_key(pattern.keys(), module), default)
 
 
-def save_lora(lora: LoRA, path) -> None:
-    """Write diffusers keys + lora_adapter_metadata (the peft LoraConfig fields, patterns included), atomically
-    (temporary file, fsync, rename), with the mode any file gets under the umask (safetensors' save_file gives 0600)."""
+def save_lora(lora: LoRA, path, note: dict[str, str] | None = None) -> None:
+    """Write diffusers keys + lora_adapter_metadata (the peft LoraConfig fields, patterns included) + `note`'s string
+    entries, atomically (temporary file, fsync, rename), with the mode any file gets under the umask (safetensors'
+    save_file gives 0600)."""
     path = Path(path)
     tensors = {}
     for module in sorted(lora.A):
         tensors[f"transformer.{module}.lora_A.weight"] = lora.A[module].detach().float().cpu().contiguous()
         tensors[f"transformer.{module}.lora_B.weight"] = lora.B[module].detach().float().cpu().contiguous()
     config = {f"transformer.{k}": v for k, v in lora_config(lora).items()}
-    data = save(tensors, metadata={"format": "pt", METADATA_KEY: json.dumps(config)})
+    data = save(tensors, metadata=(note or {}) | {"format": "pt", METADATA_KEY: json.dumps(config)})
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(temporary, "wb") as f:
         f.write(data)

@@ -29,8 +29,10 @@ TRANSFORMER_CONFIG = dict(sample_size=IMAGE_SIZE, patch_size=2, in_channels=3, o
 TEXT_WIDTH = 64
 # Training recipe for the toy world: applied by train.py when no --base is given, for flags not set.
 # target_batch=72: a micro-batch's 9 states x 8 images in one teacher forward (tiny images: launch-bound on GPU).
+# eval_every=20, eval_max_prompts=32: held-out reward (32 test prompts per task) at the start and the end.
 TRAIN_DEFAULTS = dict(images_per_iteration=16, group_size=2, micro_batch=8, target_batch=72, updates=2,
-                      iterations=20, rank=16, alpha=32.0, lr=1e-3, resolution=IMAGE_SIZE, save_every=10)
+                      iterations=20, rank=16, alpha=32.0, lr=1e-3, resolution=IMAGE_SIZE, save_every=10,
+                      eval_every=20, eval_max_prompts=32)
 
 
 @functools.cache

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from checkpoint import file_sha256
-from evaluate import generate, save_grid
+from heldout import generate, save_grid
 from models import toy_base
 from sft import train_flow_matching
 from toy_model import new_base_modules, to_latent, tokenize

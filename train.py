@@ -11,9 +11,12 @@ One iteration, top to bottom (see `opd_iteration`):
      finite); log; checkpoint (checkpoint.py: atomic, resumable with --resume)
 Batch sizes are global and divided by the world size. Only rank 0 writes. One code path for 1..N
 processes (NCCL on GPU, gloo on CPU); a plain `python train.py` runs as a world of one. SIGTERM or
-SIGINT (Ctrl-C) ends the current iteration, writes a checkpoint and exits 0 (torchrun, when it gets the
-signal itself, passes it on to every worker but then exits 1: README, Long runs). An error ends the run
-with one line, printed by rank 0 and put in torchrun's failure summary (`exit_with_error`).
+SIGINT (Ctrl-C) writes the last finished iteration's snapshot at once, ends the current iteration, writes a
+checkpoint and exits 0 (torchrun, when it gets the signal itself, passes it on to every worker but then
+exits 1: docs/long_runs.md). An error ends the run with one line, printed by rank 0 and put in torchrun's
+failure summary (`exit_with_error`). Long runs (docs/long_runs.md): --ema keeps the authors' EMA of the
+student for evaluation and export (ema.py); --eval_every evaluates held-out prompts in the loop as
+evaluate.py does (heldout.py); --log sends metrics.jsonl's lines to tensorboard/wandb (live_log.py).
 Other --algo: sft (the SFT cold start, `sft_iteration`), grpo (Flow-GRPO with --reward, grpo.py).
 
 Run:  torchrun --nproc_per_node=8 train.py --base sd3.5-medium --teachers ocr=ocr_lora,geneval=geneval_lora \
@@ -41,11 +44,14 @@ from peft import LoraConfig
 from tqdm import tqdm
 
 import checkpoint
+import ema
+import heldout
+import live_log
 from mar import load_anchor
 from merge_lora import LoRAFileError, load_lora
 from models import load_base
 from opd_loss import LOSSES, kl_weights, step_kl
-from rewards import RewardError
+from rewards import RewardError, make_reward
 from sde_sampler import cfg_velocity, gaussian_log_prob, initial_noise, rollout, sde_mean, sde_scale, transition_std
 from sft import flow_matching_loss
 from teachers import add_adapter, load_teachers, parse_teachers, route, target_velocities, teacher_samples
@@ -109,6 +115,14 @@ class Config:
     save_every: int = 10               # checkpoint every this many iterations (and at the end)
     keep: int = 3                      # checkpoints kept (0 = all)
     max_bad_steps: int = 3             # abort after this many non-finite optimizer updates in a row
+    # long runs (docs/long_runs.md)
+    ema: bool = False                  # EMA of the student (ema.py): evaluated and exported; rollouts stay live
+    log: str = ""                      # live loggers beside metrics.jsonl: tensorboard, wandb or both (live_log.py)
+    eval_every: int = 0                # held-out evaluation before iteration 1, every N and after the last; 0 = none
+    eval_prompts: str = ""             # comma list task=file; "" = toy world: the test prompts of the run's tasks
+    eval_rewards: str = ""             # comma list task=reward name (rewards.py); "" = toy world: toy_<task>
+    eval_max_prompts: int = 0          # the first N prompts of each task; 0 = all
+    eval_steps: int = 40               # ODE steps of the in-loop evaluation (evaluate.py --steps)
 
     def __post_init__(self):
         self.resume = self.resume or self.resume_or_start
@@ -120,7 +134,8 @@ LIMITS = {"lora_alpha": ">= 0", "beta": ">= 0", "clip_range": "> 0", "resolution
           "sft_sample_steps": ">= 1", "images_per_iteration": ">= 1", "group_size": ">= 1", "updates": ">= 1",
           "micro_batch": ">= 1", "target_batch": ">= 0", "rank": ">= 1", "alpha": "> 0", "lr": "> 0",
           "weight_decay": ">= 0", "grad_clip": "> 0", "iterations": ">= 1", "seed": ">= 0", "save_every": ">= 1",
-          "keep": ">= 0", "max_bad_steps": ">= 1"}
+          "keep": ">= 0", "max_bad_steps": ">= 1",
+          "eval_every": ">= 0", "eval_max_prompts": ">= 0", "eval_steps": ">= 1"}
 # renamed flags: old spelling -> new; the old one still works, with a warning, until the next release
 RENAMED = {"optimizer_steps": "updates"}
 # --out names a folder: a name with one of these suffixes is a file name given by mistake
@@ -401,6 +416,8 @@ class Run:
     identity: dict                      # what a checkpoint must match to continue this run (checkpoint.py)
     reward: object = None               # grpo: reward(images, prompts, tasks, metadata) -> (r [B], parts) (grpo.py)
     bad_steps: int = 0                  # non-finite optimizer steps in a row
+    ema: object = None                  # ema.EMA under --ema (its adapter ema.ADAPTER is evaluated and exported)
+    evaluation: tuple | None = None     # in-loop evaluation: (jobs {task: (prompts, seeds)}, rewards {task: fn})
 
 
 def check_batch(cfg: Config, world: int) -> int:
@@ -498,6 +515,8 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
     teachers, prompts, weights = resolve_data(cfg)
     if cfg.algo == "grpo":
         grpo.check_tasks(prompts, cfg.task_rewards, cfg.reward)
+    live_log.parse(cfg.log)                                                    # a missing package: refused here
+    evaluation = resolve_evaluation(cfg, list(prompts))                        # reward models load once, here
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = base or load_base(cfg.base, device, dtype, cfg.resolution, cfg.max_sequence_length)
     alpha = cfg.lora_alpha or None
@@ -511,8 +530,10 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
             print(f"--init_lora {cfg.init_lora}: rank {student.r}, alpha {student.lora_alpha:g} (not --rank "
                   f"{cfg.rank}, --alpha {cfg.alpha:g}); recorded as such", flush=True)
         cfg = replace(cfg, rank=student.r, alpha=float(student.lora_alpha))
+    ema_state = ema.add_ema(base.transformer, local // cfg.updates // cfg.micro_batch) if cfg.ema else None
     n_params = sum(p.numel() for p in params)
-    checkpoint.check_out(out, need_bytes=(max(cfg.keep, 1) + 1) * 4 * 4 * n_params)   # fp32 LoRA, 2 moments, export
+    checkpoint.check_out(out, need_bytes=(max(cfg.keep, 1) + 1) * 4 * (4 + cfg.ema) * n_params)  # fp32 LoRA, 2 moments,
+                                                                                                 # export (+ EMA)
     speed_up(base.transformer, cfg)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     options = {"clip_range": cfg.clip_range, "detach_advantage": cfg.detach_advantage} if cfg.loss == "kl_only" else {}
@@ -525,8 +546,39 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
               f"{local // cfg.updates} images/rank in micro-batches of {cfg.micro_batch}; "
               f"{cfg.train_steps}/{cfg.steps} steps trained. student LoRA: {n_params / 1e6:.2f}M params; "
               f"teachers: {routes}; anchor: {anchor or 'base'}", flush=True)
+        if ema_state or evaluation:
+            tasks = ", ".join(f"{t} {len(p)}" for t, (p, _) in evaluation[0].items()) if evaluation else ""
+            print(f"EMA of the student: {'on' if ema_state else 'off'}; in-loop evaluation: " +
+                  (f"every {cfg.eval_every} iterations, {cfg.eval_steps} ODE steps, prompts {tasks}" if evaluation
+                   else "off"), flush=True)
     return Run(cfg, rank, world, device, base, routes, anchor, prompts, weights, params, optimizer, loss_fn,
-               kl_w, sigmas, local, checkpoint.identity(cfg, base.name, teachers, prompts), reward)
+               kl_w, sigmas, local, checkpoint.identity(cfg, base.name, teachers, prompts), reward, ema=ema_state,
+               evaluation=evaluation)
+
+
+def resolve_evaluation(cfg: Config, tasks: list[str]) -> tuple | None:
+    """--eval_every: -> (jobs {task: (prompts, seeds)}, rewards {task: fn}), as evaluate.py builds them (one image
+    per prompt, seed sample_seed(--seed, i)); None when off. Toy world default: the test prompts of the run's
+    tasks, scored by toy_<task>."""
+    if cfg.eval_every == 0:
+        return None
+    files = {t: Path(f) for t, f in parse_pairs(cfg.eval_prompts, "eval_prompts").items()}
+    if not files:
+        if cfg.base:
+            raise ValueError("--eval_every needs --eval_prompts with --base (e.g. --eval_prompts ocr=ocr_test.txt)")
+        files = {task: toy_tasks.prompt_file(task, "test") for task in tasks}
+    names = ({} if cfg.base else {t: f"toy_{t}" for t in files}) | parse_pairs(cfg.eval_rewards, "eval_rewards")
+    if names.keys() != files.keys():
+        raise ValueError(f"--eval_rewards: give one reward for each task of --eval_prompts {sorted(files)} "
+                         f"(got {sorted(names)}), e.g. --eval_rewards ocr=ocr")
+    jobs = {}
+    for task, path in files.items():
+        prompts = read_prompts(path)[: cfg.eval_max_prompts or None]
+        jobs[task] = (prompts, [sample_seed(cfg.seed, i) for i in range(len(prompts))])
+    try:
+        return jobs, {task: make_reward(name, evaluation=True) for task, name in names.items()}
+    except KeyError as error:                                                  # an unknown reward name
+        raise ValueError(f"--eval_rewards: {error.args[0]}") from None
 
 
 def speed_up(transformer, cfg: Config) -> None:
@@ -713,6 +765,8 @@ def optimizer_step(run: Run, loss_sum: torch.Tensor) -> float:
     run.bad_steps = 0 if math.isfinite(norm) and math.isfinite(float(loss_sum)) else run.bad_steps + 1
     if run.bad_steps == 0:
         run.optimizer.step()
+        if run.ema is not None:
+            run.ema.after_optimizer_step(run.params)                          # Flow-GRPO's EMA (ema.py)
     run.optimizer.zero_grad(set_to_none=True)
     if run.bad_steps >= run.cfg.max_bad_steps:
         raise Diverged(f"{run.bad_steps} optimizer steps in a row had a non-finite loss or gradient; lower --lr "
@@ -767,7 +821,7 @@ def resume(run: Run) -> int:
     if run.cfg.resume and run.rank == 0:
         if (out / "metrics.jsonl").exists():
             lines = (out / "metrics.jsonl").read_text().splitlines()
-            kept = [line for line in lines if json.loads(line)["iteration"] < start]
+            kept = [line for line in lines if json.loads(line)["iteration"] < start] if start > 1 else []
             (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
         print(f"--resume: {path.name}, going on at iteration {start}" if path else
               f"--resume_or_start: no checkpoint in {out}/checkpoints, starting at iteration 1", flush=True)
@@ -781,36 +835,80 @@ def stop_requested(flag: dict, device) -> bool:
     return bool(signalled.item())
 
 
+def on_signal(flag: dict, signum: int) -> None:
+    """SIGTERM/SIGINT: the loop stops after this iteration on every rank (stop_requested) and checkpoints it. Rank 0
+    also writes the last iteration's snapshot now (checkpoint.snapshot, no LoRA export), so a launcher that
+    SIGKILLs before this iteration ends (torchrun: after its shutdown timeout) still leaves a checkpoint."""
+    flag["signal"] = signum
+    record, flag["pending"] = flag["pending"], None
+    if record is None:
+        return
+    start = time.perf_counter()
+    try:                                                                       # never raise into the interrupted code
+        path = checkpoint.write(flag["run"], record, exports=False)
+        message = f"signal {signum}: {path.name} written in {time.perf_counter() - start:.2f} s"
+    except Exception as error:                                                 # noqa: BLE001 (reported, not raised)
+        message = f"signal {signum}: writing the checkpoint of iteration {record['iteration']} failed: {error}"
+    os.write(2, (message + "\n").encode())                                    # print() is not safe in a handler
+
+
+def log_metrics(run: Run, live, line: dict) -> None:
+    """Rank 0: append one line to metrics.jsonl (the source of truth), then send it to the live loggers."""
+    with open(Path(run.cfg.out) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+    live.metrics(line)
+
+
+def evaluate_in_loop(run: Run, iteration: int) -> dict:
+    """Held-out evaluation of the EMA weights under --ema (else the live ones) with heldout.py, as evaluate.py
+    scores them; rank 0 saves the grid <out>/eval/grid_<iteration>.png.  -> metrics {"eval/<task>", "eval/average",
+    "seconds_eval", "eval_weights"} (its seconds are not in the iteration's "seconds")"""
+    cfg, (jobs, rewards) = run.cfg, run.evaluation
+    weights = "ema" if run.ema is not None else "live"
+    t0 = clock(run.device)
+    means, grids, _ = heldout.evaluate_row(run.base, ema.ADAPTER if run.ema is not None else "student", jobs, rewards,
+                                        run.rank, run.world, cfg.eval_steps, cfg.guidance,
+                                        cfg.target_batch or cfg.micro_batch, EVAL_GRID)
+    metrics = {f"eval/{task}": mean for task, mean in means.items()} | {"eval/average": heldout.average(means),
+                                                                        "seconds_eval": clock(run.device) - t0,
+                                                                        "eval_weights": weights}
+    if run.rank == 0:
+        (Path(cfg.out) / "eval").mkdir(exist_ok=True)
+        heldout.save_grid({f"{weights}, iteration {iteration}": grids}, eval_grid(cfg, iteration))
+        tqdm.write(f"held-out ({weights} weights, iteration {iteration}): " +
+                   ", ".join(f"{t} {m:.3f}" for t, m in means.items()) + f" ({metrics['seconds_eval']:.1f} s)")
+    return metrics
+
+
+EVAL_GRID = 8                                                                  # grid columns: first prompts per task
+
+
+def eval_grid(cfg: Config, iteration: int) -> Path:
+    return Path(cfg.out) / "eval" / f"grid_{iteration:06d}.png"
+
+
 def main(argv: list[str]) -> None:
     cfg = parse_config(argv)
     rank, world, device = setup_distributed()
-    flag = {"signal": None}
+    flag = {"signal": None, "pending": None, "run": None}                     # pending: last snapshot not on disk
     for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, lambda signum, frame: flag.update(signal=signum))
+        signal.signal(number, lambda signum, frame: on_signal(flag, signum))
     try:
-        run = setup(cfg, rank, world, device)
+        run = flag["run"] = setup(cfg, rank, world, device)
         start, iterate = resume(run), ALGOS[cfg.algo]
         if rank == 0:
             write_record(run.cfg, Path(cfg.out), run.base.name, world)
-        progress = tqdm(range(start, cfg.iterations + 1), disable=rank != 0, desc=f"flow-{cfg.algo}",
-                        dynamic_ncols=True, initial=start - 1, total=cfg.iterations)
-        for iteration in progress:
-            t0 = clock(device)
-            metrics = iterate(run, iteration)
-            seconds = clock(device) - t0
-            metrics |= {"iteration": iteration, "seconds": seconds, "images_per_s": cfg.images_per_iteration / seconds}
-            if rank == 0:
-                with open(Path(cfg.out) / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-                progress.set_postfix(loss=f"{metrics['loss']:.3g}", img_s=f"{metrics['images_per_s']:.1f}")
-            stop = stop_requested(flag, device)
-            if stop or iteration % cfg.save_every == 0 or iteration == cfg.iterations:
-                checkpoint.save(run, iteration)
-            if stop:
+        live = live_log.LiveLog(live_log.parse(cfg.log), Path(cfg.out), asdict(run.cfg), start) if rank == 0 else \
+            live_log.LiveLog()
+        try:
+            if run.evaluation and start == 1:                                  # held-out reward at the start
+                metrics = {"iteration": 0} | evaluate_in_loop(run, 0)
                 if rank == 0:
-                    print(f"stopped by signal {flag['signal'] or 'on another rank'} after iteration {iteration}; "
-                          f"checkpoint written: go on with --resume", flush=True)
-                break
+                    log_metrics(run, live, metrics)
+                    live.image("eval/grid", eval_grid(cfg, 0), 0)
+            train_loop(run, flag, live, start, iterate)
+        finally:
+            live.close()
     finally:
         dist.destroy_process_group()
 
@@ -827,6 +925,38 @@ def exit_with_error(program: str, error: Exception, code: int) -> None:
         record = {"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}
         Path(os.environ["TORCHELASTIC_ERROR_FILE"]).write_text(json.dumps(record))
     sys.exit(code)
+
+
+def train_loop(run: Run, flag: dict, live, start: int, iterate) -> None:
+    """Iterations start..--iterations: train, evaluate when due, log, snapshot; checkpoint when due or stopped."""
+    cfg, rank, device = run.cfg, run.rank, run.device
+    progress = tqdm(range(start, cfg.iterations + 1), disable=rank != 0, desc=f"flow-{cfg.algo}",
+                    dynamic_ncols=True, initial=start - 1, total=cfg.iterations)
+    for iteration in progress:
+        t0 = clock(device)
+        metrics = iterate(run, iteration)
+        seconds = clock(device) - t0
+        metrics |= {"iteration": iteration, "seconds": seconds, "images_per_s": cfg.images_per_iteration / seconds}
+        last, stop = iteration == cfg.iterations, stop_requested(flag, device)
+        evaluating = run.evaluation is not None and (iteration % cfg.eval_every == 0 or last) and not stop
+        if evaluating:                                   # before the snapshot, which is the next iteration's start
+            metrics |= evaluate_in_loop(run, iteration)
+            stop = stop_requested(flag, device)          # a signal during a long evaluation: stop now
+        if rank == 0:
+            log_metrics(run, live, metrics)
+            if evaluating:
+                live.image("eval/grid", eval_grid(cfg, iteration), iteration)
+            progress.set_postfix(loss=f"{metrics['loss']:.3g}", img_s=f"{metrics['images_per_s']:.1f}")
+        record = checkpoint.snapshot(run, iteration)
+        saving = stop or iteration % cfg.save_every == 0 or last
+        flag["pending"] = None if saving else record                            # on_signal writes it if one comes
+        if saving and rank == 0:
+            checkpoint.write(run, record)
+        if stop:
+            if rank == 0:
+                print(f"stopped by signal {flag['signal'] or 'on another rank'} after iteration {iteration}; "
+                      f"checkpoint written: go on with --resume", flush=True)
+            break
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ LIMIT=${LIMIT:-380}
 SMOKE=${SMOKE:-}                 # extra train.py flags for every run (a CPU smoke test)
 EVAL_FLAGS=${EVAL_FLAGS:-}
 mkdir -p "$OUT"
-common="--algo grpo --images_per_iteration 128 --group_size 16 --micro_batch 64 --iterations 100000 --save_every 25 --overwrite"
+common="--algo grpo --images_per_iteration 128 --group_size 16 --micro_batch 64 --iterations 100000 --save_every 25 --overwrite
+        --eval_every 0"                      # scored below on train prompts, not in the loop
 # one run in the background, stopped by SIGTERM after LIMIT s (train.py then checkpoints and exits 0)
 run() { name=$1; shift; timeout --preserve-status -s TERM "$LIMIT" python train.py $common "$@" $SMOKE --out "$OUT/$name" \
           >"$OUT/$name.log" 2>&1 & pids+=($!); }

@@ -17,7 +17,7 @@ SFT_ITERS=${SFT_ITERS:-10}
 LIMIT=${LIMIT:-0}                # seconds after which a run gets SIGTERM (it checkpoints, exports its LoRA, exits 0); 0 = none
 SMOKE=${SMOKE:-}                 # extra train.py flags for every run, e.g. a tiny batch for a CPU smoke test
 EVAL_FLAGS=${EVAL_FLAGS:-}       # extra evaluate.py flags, e.g. --max_prompts 4 --steps 4
-BATCH="--images_per_iteration 128 --micro_batch 64"
+BATCH="--images_per_iteration 128 --micro_batch 64 --eval_every 0"    # evaluate.py scores every row at the end
 # chosen by runs/toy_grpo_sweep.sh on train prompts: clip 1e-4, beta 0.04; lr 1e-3 (quality, the MAR anchor: 3e-4)
 GRPO="--algo grpo $BATCH --group_size 16 --lr 1e-3 --clip_range 1e-4 --beta 0.04"
 T=$OUT/teacher

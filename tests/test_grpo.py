@@ -17,7 +17,7 @@ from train import parse_config, setup
 
 # 10 SDE steps: at 4 the toy base draws nothing the OCR reward can read (every reward 0, every advantage 0)
 GRPO = ["--algo", "grpo", "--reward", "toy_ocr", "--images_per_iteration", "4", "--group_size", "2",
-        "--micro_batch", "2", "--steps", "10", "--train_steps", "2"]
+        "--micro_batch", "2", "--steps", "10", "--train_steps", "2", "--eval_every", "0"]
 
 
 # ----------------------------------------------------------------------------------------- advantages

@@ -20,7 +20,8 @@ import checkpoint
 from conftest import ROOT, train_error
 
 TOY = ["--teachers", f"{ROOT}/toy/ocr.safetensors,{ROOT}/toy/geneval.safetensors", "--images_per_iteration", "4", "--group_size", "2",
-       "--micro_batch", "2", "--steps", "4", "--train_steps", "2", "--save_every", "1"]
+       "--micro_batch", "2", "--steps", "4", "--train_steps", "2", "--save_every", "1", "--eval_every", "0"]
+EMA = ["--ema", "--optimizer_steps", "4", "--micro_batch", "1", "--group_size", "1"]   # the EMA moves in iterations 2, 4
 
 
 def train(*flags, wait=True):
@@ -46,30 +47,37 @@ def same_lora(a: Path, b: Path) -> bool:
 
 def test_sigkill_mid_iteration_then_resume_gives_the_same_lora_bit_for_bit(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert train("--iterations", 4, "--out", straight).returncode == 0
-    process = train("--iterations", 4, "--out", killed, wait=False)
+    assert train(*EMA, "--iterations", 4, "--out", straight).returncode == 0
+    process = train(*EMA, "--iterations", 4, "--out", killed, wait=False)
     wait_for(killed / "checkpoints" / "ckpt_000002.pt", process)
     process.send_signal(signal.SIGKILL)                                         # inside iteration 3
     process.wait()
     assert not (killed / "checkpoints" / "ckpt_000004.pt").exists()
-    result = train("--iterations", 4, "--out", killed, "--resume")
+    result = train(*EMA, "--iterations", 4, "--out", killed, "--resume")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--resume: ckpt_00000" in result.stdout
-    assert same_lora(straight / "lora.safetensors", killed / "lora.safetensors")
+    assert same_lora(straight / "lora.safetensors", killed / "lora.safetensors")   # the EMA export
+    first, second = (torch.load(d / "checkpoints" / "ckpt_000004.pt", weights_only=True) for d in (straight, killed))
+    assert first["ema"]["step"] == second["ema"]["step"] == 16                 # 4 optimizer steps x 4 iterations
+    for part in ("student", "ema"):
+        tensors = (first[part], second[part]) if part == "student" else (first[part]["weights"], second[part]["weights"])
+        assert tensors[0].keys() == tensors[1].keys() and all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
+    assert not same_lora(straight / "lora.safetensors", straight / "checkpoints" / "lora_000002.safetensors")
     iterations = [json.loads(line)["iteration"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert iterations == [1, 2, 3, 4]                                          # no line twice, none lost
     assert not list((killed / "checkpoints").glob(".*tmp*"))                   # no temporary file left visible
 
 
-def test_sigterm_to_the_workers_under_torchrun_finishes_the_iteration_checkpoints_and_exits_zero(tmp_path):
+def test_sigterm_to_the_workers_under_torchrun_writes_the_last_snapshot_then_checkpoints_and_exits_zero(tmp_path):
     """The worker is the `python train.py` of a world of one, under torchrun: the signal sent to it (not to
-    torchrun, test below) ends the iteration, writes a checkpoint, exits 0, and so does torchrun."""
+    torchrun, test below) writes the last finished iteration's snapshot at once, ends the iteration, writes a
+    checkpoint, exits 0, and so does torchrun."""
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                str(ROOT / "train.py"), *TOY, "--iterations", "200", "--save_every", "100", "--out", str(out)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(out / "metrics.jsonl", process)
-    while not (out / "metrics.jsonl").read_text():
+    while len((out / "metrics.jsonl").read_text().splitlines()) < 2:           # iteration 1's snapshot is pending
         time.sleep(0.05)
     workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
     assert len(workers) == 1
@@ -79,6 +87,9 @@ def test_sigterm_to_the_workers_under_torchrun_finishes_the_iteration_checkpoint
     done = len((out / "metrics.jsonl").read_text().splitlines())
     assert f"stopped by signal {int(signal.SIGTERM)} after iteration {done}" in stdout
     assert checkpoint.latest(out).name == f"ckpt_{done:06d}.pt" and done < 200
+    # at the signal, the newest finished iteration's snapshot: written before the iteration under way ended
+    at_once = int(re.search(rf"signal {int(signal.SIGTERM)}: ckpt_(\d+)\.pt written in", stderr).group(1))
+    assert done - 2 <= at_once < done and (out / "checkpoints" / f"ckpt_{at_once:06d}.pt").is_file()
 
 
 def test_sigterm_to_torchrun_reaches_the_workers_but_torchrun_exits_one(tmp_path):

@@ -496,7 +496,7 @@ def test_grpo_metadata_reaches_the_reward_per_sample_with_1_and_2_processes(gene
                                    "--reward_options", f"geneval_server.url={url},geneval_server.retries=0",
                                    "--prompts", f"geneval={geneval_prompts},ocr={ROOT / 'toy/ocr_train.txt'}",
                                    "--images_per_iteration", 8, "--group_size", 2, "--micro_batch", 4, "--steps", 2,
-                                   "--train_steps", 1, "--optimizer_steps", 1, "--iterations", 1, "--seed", seed,
+                                   "--train_steps", 1, "--updates", 1, "--iterations", 1, "--eval_every", 0, "--seed", seed,
                                    "--out", tmp_path / f"world{world}"], world)
         assert Counter(json.dumps(r["meta_datas"]) for r in log) == expected, world   # each image its own dict
         assert all(r["only_strict"] is True for r in log)

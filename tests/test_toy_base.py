@@ -58,12 +58,15 @@ def test_unknown_task_is_a_clear_error():
 
 def test_default_main_command_runs_on_the_toy_world(tmp_path):
     out = tmp_path / "run"
-    run_train(["--teachers", "toy/ocr.safetensors,toy/geneval.safetensors", "--out", out, *TINY])
+    run_train(["--teachers", "toy/ocr.safetensors,toy/geneval.safetensors", "--out", out, *TINY,
+               "--eval_max_prompts", "1", "--eval_steps", "2"])                 # the default evaluation, cut short
     record = json.loads((out / "config.json").read_text())
     assert record["base"].startswith("toy:") and record["config"]["rank"] == toy_model.TRAIN_DEFAULTS["rank"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 2 and all(m["loss"] > 0 for m in metrics)
-    assert (out / "lora.safetensors").is_file()
+    assert [m["iteration"] for m in metrics] == [0, 1, 2] and all(m["loss"] > 0 for m in metrics[1:])
+    # held-out reward at the start and the end, on the test prompts of the run's tasks
+    assert [m["iteration"] for m in metrics if {"eval/ocr", "eval/geneval"} <= m.keys()] == [0, 2]
+    assert (out / "lora.safetensors").is_file() and (out / "eval" / "grid_000002.png").is_file()
 
 
 def test_evaluate_writes_one_comparison_table(tmp_path):
