@@ -94,25 +94,22 @@ def matmul_peak(device, n: int = 8192) -> float:
 
 
 def count_flops(run) -> dict:
-    """FLOPs per image of each phase, counted on a one-image micro-batch with torch.utils.flop_counter."""
+    """FLOPs per image of each phase, counted on a one-image batch with torch.utils.flop_counter (its rows: all
+    trained steps, or --sampled_steps drawn)."""
     from torch.utils.flop_counter import FlopCounterMode
-    from sde_sampler import initial_noise, rollout
-    from train import MicroBatch, velocities_at_states
-    cfg, base = run.cfg, run.base
+    from train import draw_rows, student_rollout, velocities_at_rows
     flops = {}
-    cond = base.condition(["ocr prompt 0"])
-    x0, noise = initial_noise([0], base.latent_shape, cfg.steps, run.device)
     with FlopCounterMode(display=False) as counter:
-        traj = rollout(base.transformer, cond, x0, noise, run.sigmas, cfg.noise_level, cfg.guidance)
+        batch = student_rollout(run, [("ocr", "ocr prompt 0")], [0])
     flops["rollout"] = counter.get_total_flops()
+    rows = draw_rows(run, [0])
     with FlopCounterMode(display=False) as counter:                          # FLOPs do not depend on --target_batch
-        v_teacher = velocities_at_states(run, route(["ocr"], run.routes), traj, cond)
-        v_anchor = velocities_at_states(run, [run.anchor], traj, cond)
+        rows.targets["teacher"] = velocities_at_rows(run, route(["ocr"] * len(rows), run.routes), batch, rows)
+        rows.targets["anchor"] = velocities_at_rows(run, [run.anchor] * len(rows), batch, rows)
     flops["targets"] = counter.get_total_flops()
-    batch = MicroBatch(["ocr"], cond, traj.x, traj.log_prob, v_teacher, v_anchor)
     with FlopCounterMode(display=False) as counter:
-        for j in range(cfg.train_steps):
-            step_loss(run, batch, j)[0].mean().backward()
+        for part in rows.split(1):
+            step_loss(run, batch, part)[0].sum().backward()
     flops["train"] = counter.get_total_flops()
     run.optimizer.zero_grad(set_to_none=True)
     return flops
@@ -127,14 +124,15 @@ def teacher_precision_ratio(model_config: dict, latent: int, device, micro_batch
     for name, dtype in (("bf16", torch.bfloat16), ("fp32_tf32", torch.float32)):
         base = random_base(model_config, device, dtype, latent)
         add_adapter(base.transformer, load_lora(folder / "ocr.safetensors"), "teacher_ocr")
-        c, h, w = base.latent_shape
-        states = torch.randn(9, micro_batch, c, h, w, device=device)
-        sigmas = torch.linspace(1, 0.1, 9, device=device)
+        rows = 9 * micro_batch                                                  # 9 states of each image
+        states = torch.randn(rows, *base.latent_shape, device=device)
+        sigmas = torch.linspace(1, 0.1, 9, device=device).repeat_interleave(micro_batch)
         cond = base.condition([f"p{i}" for i in range(micro_batch)])
+        image = torch.arange(micro_batch, device=device).repeat(9)
         for repeat in range(2):                                                 # the first pass warms up
             torch.cuda.synchronize() if device.type == "cuda" else None
             start = time.perf_counter()
-            target_velocities(base.transformer, ["teacher_ocr"] * micro_batch, states, sigmas, cond, 4.5, micro_batch)
+            target_velocities(base.transformer, ["teacher_ocr"] * rows, states, sigmas, cond, image, 4.5, micro_batch)
             torch.cuda.synchronize() if device.type == "cuda" else None
             seconds[name] = time.perf_counter() - start
         del base
