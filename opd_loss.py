@@ -47,11 +47,14 @@ Flow-GRPO: their clipped terms). Instead of all J, each image trains a random se
 
 Demo: python -c "import opd_loss as o, sde_sampler as s; print(o.kl_weights(s.shifted_sigmas(10, 3.0), 0.7, 'reference'))"
 """
+import math
+
 import torch
 
 from sde_sampler import sde_scale, velocity_coefficient
 
 UNIFORM_FLOOR = 0.1   # lam: the uniform share of p (measured, see the module docstring)
+GRID = 2.0**-40       # pi_j and u are multiples of GRID, so the sums of systematic sampling are exact in float64
 
 
 def kl_weights(sigmas: torch.Tensor, noise_level: float, weighting: str) -> torch.Tensor:
@@ -102,7 +105,8 @@ def step_probabilities(kl_w, floor: float = UNIFORM_FLOOR):
 
 
 def inclusion_probabilities(p, k: int):
-    """pi_j = min(1, c p_j) with sum_j pi_j = k (the capped steps are always drawn; c is solved over the rest).
+    """pi_j = min(1, c p_j) with sum_j pi_j = k (the capped steps are always drawn; c is solved over the rest),
+    rounded to multiples of GRID with the sum kept at exactly k, so that systematic_steps adds exactly.
     p: [J] > 0 -> float64 [J]; k = J gives exactly 1 everywhere (the dense loss)."""
     p = torch.as_tensor(p, dtype=torch.float64)
     if not 0 < k <= len(p) or (p <= 0).any():
@@ -115,16 +119,34 @@ def inclusion_probabilities(p, k: int):
         pi[free] = (k - capped.sum()) * p[free] / p[free].sum()                # c p_j over the uncapped steps
         pi[capped] = 1.0
         if not (pi[free] > 1).any():
-            return pi
+            break
         capped |= pi > 1
+    units = torch.round(pi / GRID)                                              # integers, exact in float64
+    middle = torch.argmax(torch.minimum(units, 1 / GRID - units))               # the step farthest from 0 and 1
+    units[middle] += k / GRID - units.sum()                                     # sum exactly k (a few units)
+    assert ((units > 0) & (units <= 1 / GRID)).all(), pi
+    return units * GRID
 
 
 def systematic_steps(pi, u: float) -> list[int]:
     """The steps drawn by systematic sampling: j such that one of u, u + 1, ..., u + k - 1 lies in
     [sum_{l<j} pi_l, sum_{l<=j} pi_l). Step j is drawn with probability pi_j (u ~ U[0, 1)), exactly k = sum pi
-    distinct steps, in increasing order.  pi: [J] float64 -> k ints"""
+    distinct steps, in increasing order. pi (inclusion_probabilities) and u (uniform_on_grid) are multiples of
+    GRID: every sum here is exact.  pi: [J] float64 -> k ints"""
     edges = torch.cumsum(torch.as_tensor(pi, dtype=torch.float64), 0)           # right edges, the last = k
-    k = round(edges[-1].item())
-    edges[-1] = k                                                               # exact, whatever the rounding
-    points = torch.arange(k, dtype=torch.float64) + u                            # u, u + 1, ..., u + k - 1
+    points = torch.arange(round(edges[-1].item()), dtype=torch.float64) + u     # u, u + 1, ..., u + k - 1
     return torch.searchsorted(edges, points, right=True).tolist()               # the interval of each point
+
+
+def uniform_on_grid(rng) -> float:
+    """u ~ U[0, 1) on the grid of GRID, from a random.Random."""
+    return rng.getrandbits(40) * GRID
+
+
+def systematic_designs(pi) -> list[tuple[float, float, list[int]]]:
+    """Every draw of systematic_steps, its probability and a u that draws it: the drawn set is constant between
+    the fractional parts of the cumulative sums of pi, so the u-intervals between them list all outcomes.
+    -> [(probability, u, steps)]"""
+    edges = torch.cumsum(torch.as_tensor(pi, dtype=torch.float64), 0)
+    cuts = sorted({0.0, 1.0, *(e - math.floor(e) for e in edges.tolist())})
+    return [(b - a, a, systematic_steps(pi, a)) for a, b in zip(cuts, cuts[1:]) if b > a]

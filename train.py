@@ -40,7 +40,8 @@ import checkpoint
 from mar import load_anchor
 from merge_lora import LoRAFileError, load_lora
 from models import load_base
-from opd_loss import LOSSES, inclusion_probabilities, kl_weights, step_kl, step_probabilities, systematic_steps
+from opd_loss import (LOSSES, inclusion_probabilities, kl_weights, step_kl, step_probabilities, systematic_steps,
+                      uniform_on_grid)
 from sde_sampler import cfg_velocity, gaussian_log_prob, initial_noise, rollout, sde_mean, sde_scale, transition_std
 from sft import flow_matching_loss
 from teachers import add_adapter, load_teachers, parse_teachers, route, target_velocities, teacher_samples
@@ -480,7 +481,8 @@ def student_rollout(run: Run, mine: list[tuple[str, str]], seeds: list[int]) -> 
 def draw_rows(run: Run, seeds: list[int]) -> Rows:
     """Each image's trained steps, drawn from its own seed (the same draws on 1 or N processes): systematic
     sampling with inclusion probabilities run.inclusion (opd_loss.systematic_steps; all ones = dense)."""
-    return rows_at(run.inclusion, [random.Random(sample_seed(seed, ROW_SALT)).random() for seed in seeds], run.device)
+    us = [uniform_on_grid(random.Random(sample_seed(seed, ROW_SALT))) for seed in seeds]
+    return rows_at(run.inclusion, us, run.device)
 
 
 ROW_SALT = 0x57E95   # keeps the step draws apart from the image's noise stream
