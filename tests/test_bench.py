@@ -14,7 +14,7 @@ from conftest import ROOT
 
 def test_bench_tiny_runs_dense_and_sampled_iterations_and_counts_flops(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--tiny", "--configs", "eager b8,eager b8 k2",
-                             "--iterations", "1", "--draws", "2", "--skip_precision", "--out", str(tmp_path)],
+                             "--iterations", "1", "--images", "8", "--draws", "2", "--skip_precision", "--out", str(tmp_path)],
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads((tmp_path / "bench.json").read_text())
