@@ -227,7 +227,7 @@ def gradient_agreement(run, draws: int) -> tuple[float, list[float]]:
     batch = student_rollout(run, mine, seeds)
     J, N = run.cfg.train_steps, len(seeds)
     dense = rows_at(torch.ones(J, dtype=torch.float64), [0.0] * N, run.device)  # row j * N + i = (image i, step j)
-    dense.targets["teacher"] = velocities_at_rows(run, route([batch.tasks[i] for i in dense.image], run.routes), batch, dense)
+    dense.targets["teacher"] = velocities_at_rows(run, route([batch.tasks[i] for i in dense.image.tolist()], run.routes), batch, dense)
     dense.targets["anchor"] = velocities_at_rows(run, [run.anchor] * len(dense), batch, dense)
 
     def gradient(rows):

@@ -40,7 +40,7 @@ def row_terms(run, images: int, iteration: int = 1):
     batch = student_rollout(run, mine, seeds)
     J = run.cfg.train_steps
     rows = rows_at(torch.ones(J, dtype=torch.float64), [0.0] * len(seeds), run.device)
-    rows.targets["teacher"] = velocities_at_rows(run, route([batch.tasks[i] for i in rows.image], run.routes), batch, rows)
+    rows.targets["teacher"] = velocities_at_rows(run, route([batch.tasks[i] for i in rows.image.tolist()], run.routes), batch, rows)
     rows.targets["anchor"] = velocities_at_rows(run, [run.anchor] * len(rows), batch, rows)
     loss = torch.zeros(len(seeds), J, dtype=torch.float64)
     grads = torch.zeros(len(seeds), J, sum(p.numel() for p in run.params), dtype=torch.float64)

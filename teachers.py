@@ -3,9 +3,10 @@
 Flow-OPD (sec. 3) distils several single-task teachers into one student. Each prompt carries a task
 tag; the teacher of that task labels every state the student visits on that prompt (hard routing).
 Teacher and anchor velocities need no gradient and depend only on the stored state (x_j, sigma_j,
-prompt), so after a rollout they are computed once, grouped by adapter: one `set_adapter` and one
-batched CFG forward per adapter present in the batch (on an H100 with SD3.5-M, switching adapters per
-group was 1.45x faster than peft's mixed `adapter_names` batch).
+prompt), so after a rollout they are computed once at the rows that will be trained (every (image, step),
+or the drawn ones with --sampled_steps), grouped by adapter: one `set_adapter` and batched CFG forwards
+per adapter present (on an H100 with SD3.5-M, switching adapters per group was 1.45x faster than peft's
+mixed `adapter_names` batch).
 
 Deviations from the authors' code: they load a full fp32 SD3.5-M per teacher and alternate whole epochs
 per dataset (OCR 1 : GenEval 3); we keep every teacher as a LoRA adapter on the one base (in the base's

@@ -81,7 +81,7 @@ class Config:
     group_size: int = 16               # images per prompt
     optimizer_steps: int = 2           # per iteration
     micro_batch: int = 8               # images per forward, per rank
-    target_batch: int = 0              # (state, image) rows per no-grad forward (rollout, teachers, anchor); 0 = micro_batch
+    target_batch: int = 0              # (state, image) rows per no-grad forward (rollout, targets); 0 = micro_batch
     train_batch: int = 0               # (state, image) rows per student forward with grad (opd, grpo); 0 = micro_batch
     sampled_steps: int = 0             # k trained steps drawn per image, unbiased (opd_loss.py); 0 = all (dense)
     # student LoRA and optimiser
@@ -357,7 +357,8 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
         print(f"batch: {cfg.images_per_iteration} images/iteration = {world} ranks x {local} "
               f"({local // cfg.group_size} prompts x {cfg.group_size}); {cfg.optimizer_steps} optimizer steps of "
               f"{local // cfg.optimizer_steps} images/rank in micro-batches of {cfg.micro_batch}; "
-              f"{cfg.train_steps}/{cfg.steps} steps trained{f' ({cfg.sampled_steps} drawn per image)' if cfg.sampled_steps else ''}. student LoRA: {n_params / 1e6:.2f}M params; "
+              f"{cfg.train_steps}/{cfg.steps} steps trained" + (f" ({cfg.sampled_steps} drawn per image)" if cfg.sampled_steps
+                                                                else "") + f". student LoRA: {n_params / 1e6:.2f}M params; "
               f"teachers: {routes}; anchor: {anchor or 'base'}", flush=True)
         write_record(cfg, out, base.name, world)
     return Run(cfg, rank, world, device, base, routes, anchor, prompts, weights, params, optimizer, loss_fn,
@@ -453,11 +454,12 @@ def opd_iteration(run: Run, iteration: int) -> dict:
 
     # 3. the rows to train (every trained step, or --sampled_steps drawn per image); teacher and anchor there
     rows = draw_rows(run, seeds)
-    rows.targets["teacher"] = velocities_at_rows(run, route([batch.tasks[i] for i in rows.image], run.routes), batch, rows)
+    tasks = [batch.tasks[i] for i in rows.image.tolist()]                      # each row's task
+    rows.targets["teacher"] = velocities_at_rows(run, route(tasks, run.routes), batch, rows)
     rows.targets["anchor"] = velocities_at_rows(run, [run.anchor] * len(rows), batch, rows)
     timer["rollout"], timer["targets"] = t1 - t0, clock(run.device) - t1
 
-    # 4-5. for each optimizer step: its images' rows, micro-batch by micro-batch: student forward with grad, loss, backward
+    # 4-5. per optimizer step, its images' rows in micro-batches: student forward with grad, loss, backward; AdamW
     stats = Stats(list(run.prompts), run.device)
     train_passes(run, batch, rows, step_loss, stats, timer)
     return stats.summary() | {f"seconds_{k}": v for k, v in timer.items()}
@@ -475,7 +477,11 @@ def student_rollout(run: Run, mine: list[tuple[str, str]], seeds: list[int]) -> 
         x0, noise = initial_noise(seeds[start: start + size], base.latent_shape, cfg.steps, run.device)
         parts.append(rollout(base.transformer, cond[start: start + size], x0, noise, run.sigmas, cfg.noise_level,
                              cfg.guidance))
-    return Rollouts(list(tasks), list(prompts), cond, torch.cat([t.x for t in parts], 1), torch.cat([t.log_prob for t in parts], 1))
+    x, log_prob = torch.cat([t.x for t in parts], 1), torch.cat([t.log_prob for t in parts], 1)   # [T+1, N], [T, N]
+    return Rollouts(list(tasks), list(prompts), cond, x, log_prob)
+
+
+ROW_SALT = 0x57E95   # keeps the step draws apart from the image's noise stream
 
 
 def draw_rows(run: Run, seeds: list[int]) -> Rows:
@@ -483,9 +489,6 @@ def draw_rows(run: Run, seeds: list[int]) -> Rows:
     sampling with inclusion probabilities run.inclusion (opd_loss.systematic_steps; all ones = dense)."""
     us = [uniform_on_grid(random.Random(sample_seed(seed, ROW_SALT))) for seed in seeds]
     return rows_at(run.inclusion, us, run.device)
-
-
-ROW_SALT = 0x57E95   # keeps the step draws apart from the image's noise stream
 
 
 def rows_at(inclusion: torch.Tensor, us: list[float], device) -> Rows:
@@ -526,7 +529,7 @@ def train_passes(run: Run, batch: Rollouts, rows: Rows, step_fn, stats, timer: d
         for part in share.split(size):
             loss, logged, peaks = step_fn(run, batch, part)                      # [r], {name: [r]}, {name: [r]}
             ((part.weight * loss).sum() / images).backward()
-            stats.add([batch.tasks[i] for i in part.image], part.weight, loss=loss, **logged)
+            stats.add([batch.tasks[i] for i in part.image.tolist()], part.weight, loss=loss, **logged)
             stats.peak(**peaks)
             loss_sum += (part.weight * loss).detach().sum()
         t1 = clock(run.device)
@@ -598,8 +601,8 @@ def ratio_terms(run: Run, batch: Rollouts, rows: Rows, log_prob):
     if rows.log_prob_old is None:
         own = log_prob.detach()
         noise = own - batch.log_prob[rows.step, rows.image]                    # log pi_train - log pi_rollout
-        return own, {"clip_fraction": outside(log_prob.detach() - own), "first_step_noise_clip_fraction": outside(noise)}, \
-            {"first_step_ratio_noise": noise.abs()}
+        logged = {"clip_fraction": outside(log_prob.detach() - own), "first_step_noise_clip_fraction": outside(noise)}
+        return own, logged, {"first_step_ratio_noise": noise.abs()}
     log_ratio = log_prob.detach() - rows.log_prob_old
     return rows.log_prob_old, {"clip_fraction": outside(log_ratio)}, {"log_ratio_max": log_ratio.abs()}
 
@@ -656,7 +659,8 @@ class Stats:
         weight = torch.ones(len(tasks), device=self.device) if weight is None else weight
         weight = weight.detach().double()
         for name, value in values.items():
-            sums = self.sums.setdefault(name, torch.zeros(2, 1 + len(self.tasks), dtype=torch.float64, device=self.device))
+            sums = self.sums.setdefault(name, torch.zeros(2, 1 + len(self.tasks), dtype=torch.float64,
+                                                          device=self.device))
             for row, v in ((0, weight * value.detach().double()), (1, weight)):
                 sums[row, 0] += v.sum()
                 sums[row].index_add_(0, column, v)
@@ -668,19 +672,21 @@ class Stats:
             self.peaks[name] = torch.maximum(self.peaks.get(name, top), top)
 
     def summary(self) -> dict:
-        names, peaks = list(self.sums), list(self.peaks)
-        table = torch.stack([self.sums[n] for n in names]) if names else torch.zeros(0, 2, 1 + len(self.tasks),
-                                                                                     dtype=torch.float64, device=self.device)
-        dist.all_reduce(table)
-        top = torch.cat([self.peaks[n] for n in peaks]) if peaks else torch.zeros(0, dtype=torch.float64, device=self.device)
-        dist.all_reduce(top, op=dist.ReduceOp.MAX)
         finite = [n for n in self.norms if math.isfinite(n)]
         out = {"grad_norm": sum(finite) / len(finite) if finite else None, "skipped_steps": len(self.norms) - len(finite)}
-        for name, (sums, weights) in zip(names, table.tolist()):
-            out[name] = sums[0] / weights[0]
-            for i, task in enumerate(self.tasks):
-                out[f"{name}/{task}"] = sums[1 + i] / weights[1 + i] if weights[1 + i] else None   # None: task absent
-        return out | dict(zip(peaks, top.tolist()))
+        names, peaks = list(self.sums), list(self.peaks)                       # the same on every rank
+        if names:
+            table = torch.stack([self.sums[n] for n in names])
+            dist.all_reduce(table)
+            for name, (sums, weights) in zip(names, table.tolist()):
+                out[name] = sums[0] / weights[0]
+                for i, task in enumerate(self.tasks):
+                    out[f"{name}/{task}"] = sums[1 + i] / weights[1 + i] if weights[1 + i] else None   # None: task absent
+        if peaks:
+            top = torch.cat([self.peaks[n] for n in peaks])
+            dist.all_reduce(top, op=dist.ReduceOp.MAX)
+            out |= dict(zip(peaks, top.tolist()))
+        return out
 
 
 # ----------------------------------------------------------------------------------------- main

@@ -247,7 +247,7 @@ def _run(sd3_folder, data, out, *flags):
 
 def _with_targets(run, batch, rows):
     from train import route, velocities_at_rows
-    rows.targets["teacher"] = velocities_at_rows(run, route([batch.tasks[i] for i in rows.image], run.routes), batch, rows)
+    rows.targets["teacher"] = velocities_at_rows(run, route([batch.tasks[i] for i in rows.image.tolist()], run.routes), batch, rows)
     rows.targets["anchor"] = velocities_at_rows(run, [run.anchor] * len(rows), batch, rows)
     return rows
 
