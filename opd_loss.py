@@ -19,9 +19,9 @@ Objectives (per sample i routed to teacher T_k(i), anchor A, trained step j; bet
         L = mean_ij max(-adv_ij ratio_ij, -adv_ij clip(ratio_ij, 1 - eps, 1 + eps)) + beta mean_ij K_ij(S, A)
     As in the authors' code the advantage is NOT detached by default: its gradient is the pathwise
     distillation gradient; the ratio adds a score-function term of zero mean. `detach_advantage=True`
-    gives the pure policy-gradient reading, which loses the gains according to a public comment by the
-    maintainer of Flow-Factory (X-GenGroup/Flow-Factory issue 166), a Flow-GRPO-family codebase: not a
-    comment by the Flow-OPD authors.
+    gives the pure policy-gradient reading. With it, the method no longer improves, according to a public
+    comment by the maintainer of Flow-Factory, an RL framework for flow-matching models (X-GenGroup/Flow-Factory
+    issue 166, 2026-05-25); that comment is not by the Flow-OPD authors.
 Deviation: the authors multiply a [B, 1] advantage by a [B] ratio (a [B, B] broadcast); we pair each
 sample's advantage with its own ratio.
 
