@@ -48,11 +48,13 @@ TOKENS = 205
 LATENT = {"sd35m": 64, "tiny": 8}      # latent side: 512 px / VAE factor 8 (the config's sample_size 128 is 1024 px)
 TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
            "attn.add_v_proj", "attn.to_add_out")
-# name: (micro_batch, grad_checkpointing, compile, sampled_steps)
-CONFIGS = {"eager b8": (8, False, False, 0), "eager b16 ckpt": (16, True, False, 0), "eager b16": (16, False, False, 0),
-           "compiled b16 ckpt": (16, True, True, 0), "compiled b16": (16, False, True, 0), "compiled b8": (8, False, True, 0),
-           "compiled b16 k1": (16, False, True, 1), "compiled b16 k2": (16, False, True, 2),
-           "compiled b16 k3": (16, False, True, 3), "eager b8 k2": (8, False, False, 2)}
+# name: (micro_batch, grad_checkpointing, compile, sampled_steps, target_batch: rows per no-grad forward, 0 = micro)
+CONFIGS = {"eager b8": (8, False, False, 0, 0), "eager b16 ckpt": (16, True, False, 0, 0),
+           "eager b16": (16, False, False, 0, 0), "compiled b16 ckpt": (16, True, True, 0, 0),
+           "compiled b16": (16, False, True, 0, 0), "compiled b8": (8, False, True, 0, 0),
+           "compiled b16 k1": (16, False, True, 1, 0), "compiled b16 k2": (16, False, True, 2, 0),
+           "compiled b16 k3": (16, False, True, 3, 0), "compiled b16 t48": (16, False, True, 0, 48),
+           "eager b8 k2": (8, False, False, 2, 0)}
 PAPER_UPDATE_IMAGES = 256              # images per update of the paper's recipe (2 optimizer steps each)
 
 
@@ -156,10 +158,10 @@ def teacher_precision_ratio(model_config: dict, latent: int, device, micro_batch
 
 def bench_config(name: str, model_config: dict, latent: int, inputs: dict, device, iterations: int, images: int,
                  flops: bool, draws: int) -> dict:
-    micro_batch, checkpointing, compiled, sampled = CONFIGS[name]
+    micro_batch, checkpointing, compiled, sampled, target_batch = CONFIGS[name]
     cfg = Config(base="random-sd3", **inputs, images_per_iteration=images, group_size=4, optimizer_steps=1,
                  micro_batch=micro_batch, grad_checkpointing=checkpointing, compile=compiled, sampled_steps=sampled,
-                 out=str(Path(inputs["anchor"]).parent / name.replace(" ", "_")), overwrite=True, resolution=latent * 8)
+                 target_batch=target_batch, out=str(Path(inputs["anchor"]).parent / name.replace(" ", "_")), overwrite=True, resolution=latent * 8)
     return with_run(cfg, name, model_config, latent, device,
                     lambda run: measure_config(run, name, images, iterations, flops, draws))
 
@@ -182,7 +184,7 @@ def with_run(cfg: Config, name: str, model_config: dict, latent: int, device, me
 
 
 def measure_config(run, name: str, images: int, iterations: int, flops: bool, draws: int) -> dict:
-    micro_batch, checkpointing, compiled, sampled = CONFIGS[name]
+    micro_batch, checkpointing, compiled, sampled, target_batch = CONFIGS[name]
     device = run.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -200,7 +202,7 @@ def measure_config(run, name: str, images: int, iterations: int, flops: bool, dr
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("seconds", "seconds_rollout", "seconds_targets",
                                                                "seconds_train", "seconds_optimizer")}
     result = {"config": name, "micro_batch": micro_batch, "checkpointing": checkpointing, "compile": compiled,
-              "sampled_steps": sampled, "rows_per_image": sampled or run.cfg.train_steps, "warmup_s": warmup,
+              "target_batch": target_batch, "sampled_steps": sampled, "rows_per_image": sampled or run.cfg.train_steps, "warmup_s": warmup,
               "images_per_s": images / mean["seconds"], **mean,
               "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan"),
               "flops": None, "grad_cosine": None}
@@ -258,7 +260,7 @@ def ratio_study(model_config: dict, latent: int, inputs: dict, device, images: i
 
     results = []
     for name in configs:
-        micro_batch, _, compiled, _ = CONFIGS[name]
+        micro_batch, _, compiled, _, _ = CONFIGS[name]
         cfg = Config(base="random-sd3", **inputs, images_per_iteration=images, group_size=4, optimizer_steps=2,
                      micro_batch=micro_batch, compile=compiled, loss="kl_only", lr=0.0, weight_decay=0.0,
                      out=str(Path(inputs["anchor"]).parent / f"ratio_{name.replace(' ', '_')}"), overwrite=True,
