@@ -354,11 +354,11 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
     p = torch.ones(cfg.train_steps) if cfg.algo == "grpo" else step_probabilities(kl_w[:cfg.train_steps])
     inclusion = inclusion_probabilities(p, cfg.sampled_steps or cfg.train_steps)   # GRPO: uniform (timestep_fraction)
     if rank == 0:
+        drawn = f" ({cfg.sampled_steps} drawn per image)" if cfg.sampled_steps else ""
         print(f"batch: {cfg.images_per_iteration} images/iteration = {world} ranks x {local} "
               f"({local // cfg.group_size} prompts x {cfg.group_size}); {cfg.optimizer_steps} optimizer steps of "
               f"{local // cfg.optimizer_steps} images/rank in micro-batches of {cfg.micro_batch}; "
-              f"{cfg.train_steps}/{cfg.steps} steps trained" + (f" ({cfg.sampled_steps} drawn per image)" if cfg.sampled_steps
-                                                                else "") + f". student LoRA: {n_params / 1e6:.2f}M params; "
+              f"{cfg.train_steps}/{cfg.steps} steps trained{drawn}. student LoRA: {n_params / 1e6:.2f}M params; "
               f"teachers: {routes}; anchor: {anchor or 'base'}", flush=True)
         write_record(cfg, out, base.name, world)
     return Run(cfg, rank, world, device, base, routes, anchor, prompts, weights, params, optimizer, loss_fn,
