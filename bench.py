@@ -4,13 +4,24 @@ Builds the SD3.5-M transformer from its published config with random weights (24
 64, dual attention in blocks 0-12, rms qk-norm, patch 2, 16 latent channels, joint dim 4096, pooled 2048),
 random prompt embeddings of the real shapes (77 CLIP + 128 T5 = 205 tokens), two teacher LoRAs and an
 anchor LoRA (r=32, alpha=64 on the 8 attention projections, 191 modules), then runs `train.opd_iteration`
-at 512 px (10-step CFG SDE rollout, teacher + anchor velocities, 9 trained steps with grad, AdamW step)
-for each configuration, and prints one table: images/s, seconds per phase, peak GPU memory, and model-FLOP
-utilisation = FLOPs per image (counted with torch.utils.flop_counter on each phase) x images/s / the GPU's
-bf16 matmul peak (an 8192^3 matmul, measured in the same run). Also the ratio of a teacher pass with the
-base in fp32 (TF32 matmuls, as the authors run their teachers) to the same pass in bf16.
+at 512 px (10-step CFG SDE rollout, teacher + anchor velocities, the trained rows with grad, AdamW step) for each
+configuration, and prints one table: images/s (= images per GPU per second), seconds per phase, peak GPU memory,
+FLOPs per image per phase (counted with torch.utils.flop_counter on a one-image batch: the rollout, and per
+trained row the targets and the student's forward+backward; an image has J = 9 rows dense, k with
+--sampled_steps k), model-FLOP utilisation = FLOPs per image x images/s / the GPU's bf16 matmul peak (an 8192^3
+matmul, measured in the same run), GPU-hours per 100 updates of the paper's recipe (256 images, 2 optimizer
+steps each: 25,600 images at the measured images/s), and for sampled steps the cosine similarity of the
+gradient to the dense gradient on the same rollouts and targets, averaged over --draws draws. Also the ratio
+of a teacher pass with the base in fp32 (TF32 matmuls, as the authors run their teachers) to the bf16 pass.
 
-Run (one GPU): python bench.py --out bench_out        CPU smoke (tiny shapes): python bench.py --tiny
+--ratio: the PPO ratio at the first optimizer step, eager vs compiled (kl_only, lr 1e-30 (weights unchanged), 2 optimizer steps, so the
+policy never moves and every exact ratio is 1): before the fix, max |log pi_train - log pi_rollout| and the
+fraction of rows it would clip (first_step_ratio_noise, first_step_noise_clip_fraction); after, the ratios as
+trained (clip_fraction; log_ratio_max over the second step, whose old log-probs the training forward recomputed).
+
+Run (one GPU): python bench.py --configs "compiled b16,compiled b16 k1,compiled b16 k2,compiled b16 k3" --out bench_out
+               python bench.py --ratio --out bench_ratio
+CPU smoke (tiny shapes): python bench.py --tiny
 """
 import argparse
 import gc
@@ -37,10 +48,15 @@ TOKENS = 205
 LATENT = {"sd35m": 64, "tiny": 8}      # latent side: 512 px / VAE factor 8 (the config's sample_size 128 is 1024 px)
 TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
            "attn.add_v_proj", "attn.to_add_out")
-# name: (micro_batch, grad_checkpointing, compile); a name ending in " ema" also keeps the EMA (--ema) and times it
-CONFIGS = {"eager b8": (8, False, False), "eager b16 ckpt": (16, True, False), "eager b16": (16, False, False),
-           "compiled b16 ckpt": (16, True, True), "compiled b16": (16, False, True), "compiled b8": (8, False, True),
-           "compiled b16 ema": (16, False, True)}
+# name: (micro_batch, grad_checkpointing, compile, sampled_steps, target_batch: rows per no-grad forward, 0 = micro);
+# a name ending in " ema" also keeps the EMA (--ema) and times it
+CONFIGS = {"eager b8": (8, False, False, 0, 0), "eager b16 ckpt": (16, True, False, 0, 0),
+           "eager b16": (16, False, False, 0, 0), "compiled b16 ckpt": (16, True, True, 0, 0),
+           "compiled b16": (16, False, True, 0, 0), "compiled b8": (8, False, True, 0, 0),
+           "compiled b16 k1": (16, False, True, 1, 0), "compiled b16 k2": (16, False, True, 2, 0),
+           "compiled b16 k3": (16, False, True, 3, 0), "compiled b16 t48": (16, False, True, 0, 48),
+           "eager b8 k2": (8, False, False, 2, 0), "compiled b16 ema": (16, False, True, 0, 0)}
+PAPER_UPDATE_IMAGES = 256              # images per update of the paper's recipe (2 optimizer steps each)
 
 
 def random_base(config: dict, device, dtype, latent: int, seed: int = 0) -> Base:
@@ -96,25 +112,22 @@ def matmul_peak(device, n: int = 8192) -> float:
 
 
 def count_flops(run) -> dict:
-    """FLOPs per image of each phase, counted on a one-image micro-batch with torch.utils.flop_counter."""
+    """FLOPs per image of each phase, counted on a one-image batch with torch.utils.flop_counter (its rows: all
+    trained steps, or --sampled_steps drawn)."""
     from torch.utils.flop_counter import FlopCounterMode
-    from sde_sampler import initial_noise, rollout
-    from train import MicroBatch, velocities_at_states
-    cfg, base = run.cfg, run.base
+    from train import draw_rows, student_rollout, velocities_at_rows
     flops = {}
-    cond = base.condition(["ocr prompt 0"])
-    x0, noise = initial_noise([0], base.latent_shape, cfg.steps, run.device)
     with FlopCounterMode(display=False) as counter:
-        traj = rollout(base.transformer, cond, x0, noise, run.sigmas, cfg.noise_level, cfg.guidance)
+        batch = student_rollout(run, [("ocr", "ocr prompt 0")], [0])
     flops["rollout"] = counter.get_total_flops()
+    rows = draw_rows(run, [0])
     with FlopCounterMode(display=False) as counter:                          # FLOPs do not depend on --target_batch
-        v_teacher = velocities_at_states(run, route(["ocr"], run.routes), traj, cond)
-        v_anchor = velocities_at_states(run, [run.anchor], traj, cond)
+        rows.targets["teacher"] = velocities_at_rows(run, route(["ocr"] * len(rows), run.routes), batch, rows)
+        rows.targets["anchor"] = velocities_at_rows(run, [run.anchor] * len(rows), batch, rows)
     flops["targets"] = counter.get_total_flops()
-    batch = MicroBatch(["ocr"], cond, traj.x, traj.log_prob, v_teacher, v_anchor)
     with FlopCounterMode(display=False) as counter:
-        for j in range(cfg.train_steps):
-            step_loss(run, batch, j)[0].mean().backward()
+        for part in rows.split(1):
+            step_loss(run, batch, part)[0].sum().backward()
     flops["train"] = counter.get_total_flops()
     run.optimizer.zero_grad(set_to_none=True)
     return flops
@@ -129,14 +142,15 @@ def teacher_precision_ratio(model_config: dict, latent: int, device, micro_batch
     for name, dtype in (("bf16", torch.bfloat16), ("fp32_tf32", torch.float32)):
         base = random_base(model_config, device, dtype, latent)
         add_adapter(base.transformer, load_lora(folder / "ocr.safetensors"), "teacher_ocr")
-        c, h, w = base.latent_shape
-        states = torch.randn(9, micro_batch, c, h, w, device=device)
-        sigmas = torch.linspace(1, 0.1, 9, device=device)
+        rows = 9 * micro_batch                                                  # 9 states of each image
+        states = torch.randn(rows, *base.latent_shape, device=device)
+        sigmas = torch.linspace(1, 0.1, 9, device=device).repeat_interleave(micro_batch)
         cond = base.condition([f"p{i}" for i in range(micro_batch)])
+        image = torch.arange(micro_batch, device=device).repeat(9)
         for repeat in range(2):                                                 # the first pass warms up
             torch.cuda.synchronize() if device.type == "cuda" else None
             start = time.perf_counter()
-            target_velocities(base.transformer, ["teacher_ocr"] * micro_batch, states, sigmas, cond, 4.5, micro_batch)
+            target_velocities(base.transformer, ["teacher_ocr"] * rows, states, sigmas, cond, image, 4.5, micro_batch)
             torch.cuda.synchronize() if device.type == "cuda" else None
             seconds[name] = time.perf_counter() - start
         del base
@@ -145,15 +159,20 @@ def teacher_precision_ratio(model_config: dict, latent: int, device, micro_batch
 
 
 def bench_config(name: str, model_config: dict, latent: int, inputs: dict, device, iterations: int, images: int,
-                 flops: bool) -> dict:
-    micro_batch, checkpointing, compiled = CONFIGS[name]
-    base = random_base(model_config, device, torch.bfloat16 if device.type == "cuda" else torch.float32, latent)
+                 flops: bool, draws: int) -> dict:
+    micro_batch, checkpointing, compiled, sampled, target_batch = CONFIGS[name]
     cfg = Config(base="random-sd3", **inputs, images_per_iteration=images, group_size=4, updates=1,
-                 micro_batch=micro_batch, grad_checkpointing=checkpointing, compile=compiled, ema=name.endswith(" ema"),
-                 out=str(Path(inputs["anchor"]).parent / name.replace(" ", "_")), overwrite=True,
-                 resolution=latent * 8)
+                 micro_batch=micro_batch, grad_checkpointing=checkpointing, compile=compiled, ema=name.endswith(" ema"), sampled_steps=sampled,
+                 target_batch=target_batch, out=str(Path(inputs["anchor"]).parent / name.replace(" ", "_")), overwrite=True, resolution=latent * 8)
+    return with_run(cfg, name, model_config, latent, device,
+                    lambda run: measure_config(run, name, images, iterations, flops, draws))
+
+
+def with_run(cfg: Config, name: str, model_config: dict, latent: int, device, measure) -> dict:
+    """measure(run) for a run set up on a fresh random base; running out of memory gives an error row instead."""
+    base = random_base(model_config, device, torch.bfloat16 if device.type == "cuda" else torch.float32, latent)
     try:
-        return measure_config(setup(cfg, 0, 1, device, base=base), name, images, iterations, flops)
+        return measure(setup(cfg, 0, 1, device, base=base))
     except torch.OutOfMemoryError as error:
         import traceback
         ours = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_tb(error.__traceback__)
@@ -166,8 +185,8 @@ def bench_config(name: str, model_config: dict, latent: int, inputs: dict, devic
         torch.cuda.empty_cache() if device.type == "cuda" else None
 
 
-def measure_config(run, name: str, images: int, iterations: int, flops: bool) -> dict:
-    micro_batch, checkpointing, compiled = CONFIGS[name]
+def measure_config(run, name: str, images: int, iterations: int, flops: bool, draws: int) -> dict:
+    micro_batch, checkpointing, compiled, sampled, target_batch = CONFIGS[name]
     device = run.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -185,8 +204,15 @@ def measure_config(run, name: str, images: int, iterations: int, flops: bool) ->
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("seconds", "seconds_rollout", "seconds_targets",
                                                                "seconds_train", "seconds_optimizer")}
     result = {"config": name, "micro_batch": micro_batch, "checkpointing": checkpointing, "compile": compiled,
-              "warmup_s": warmup, "images_per_s": images / mean["seconds"], **mean,
-              "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan"), "flops": None}
+              "target_batch": target_batch, "sampled_steps": sampled, "rows_per_image": sampled or run.cfg.train_steps, "warmup_s": warmup,
+              "images_per_s": images / mean["seconds"], **mean,
+              "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan"),
+              "flops": None, "grad_cosine": None}
+    if sampled and draws:
+        start = time.perf_counter()
+        result["grad_cosine"], result["grad_cosines"] = gradient_agreement(run, draws)
+        print(f"{name}: gradient cosine to dense {result['grad_cosine']:.4f} ({time.perf_counter() - start:.1f} s)",
+              flush=True)
     if run.ema is not None:      # one EMA update (the EMA moves every 8th optimizer step); train.py's per-iteration
         import checkpoint         # snapshot (LoRA + AdamW + EMA copies, written at once on SIGTERM)
         import ema
@@ -211,13 +237,66 @@ def median_seconds(fn, device, repeats: int = 10) -> float:
     return sorted(seconds)[repeats // 2]
 
 
+def gradient_agreement(run, draws: int) -> tuple[float, list[float]]:
+    """Cosine similarity of the sampled-steps gradient (run.inclusion) to the dense gradient on the same rollouts
+    and targets, for `draws` draws of every image's steps; the dense rows' targets serve every draw.
+    -> (mean, per draw)"""
+    from opd_loss import uniform_on_grid
+    from train import ROW_SALT, local_batch, rows_at, sample_seed, student_rollout, velocities_at_rows
+    import random
+    mine, seeds = local_batch(run, 10_000)                                      # a batch the timing never saw
+    batch = student_rollout(run, mine, seeds)
+    J, N = run.cfg.train_steps, len(seeds)
+    dense = rows_at(torch.ones(J, dtype=torch.float64), [0.0] * N, run.device)  # row j * N + i = (image i, step j)
+    dense.targets["teacher"] = velocities_at_rows(run, route([batch.tasks[i] for i in dense.image.tolist()], run.routes), batch, dense)
+    dense.targets["anchor"] = velocities_at_rows(run, [run.anchor] * len(dense), batch, dense)
+
+    def gradient(rows):
+        for part in rows.split(run.cfg.train_batch or run.cfg.micro_batch):
+            ((part.weight * step_loss(run, batch, part)[0]).sum() / N).backward()
+        flat = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten() for p in run.params])
+        run.optimizer.zero_grad(set_to_none=True)
+        return flat.double()
+
+    reference, cosines = gradient(dense), []
+    for d in range(draws):
+        us = [uniform_on_grid(random.Random(sample_seed(seed, ROW_SALT, d))) for seed in seeds]
+        rows = rows_at(run.inclusion, us, run.device)
+        rows.targets = {name: v[rows.step * N + rows.image] for name, v in dense.targets.items()}
+        cosines.append(torch.nn.functional.cosine_similarity(gradient(rows), reference, dim=0).item())
+    return sum(cosines) / draws, cosines
+
+
+def ratio_study(model_config: dict, latent: int, inputs: dict, device, images: int, configs: list[str]) -> list[dict]:
+    """--ratio: per config, one warm-up and one measured kl_only iteration at lr 1e-30 (no change to fp32 weights; lr must be > 0) with 2 optimizer steps."""
+    def measure(run, name):
+        opd_iteration(run, 0)                                                  # warm-up (and compilation)
+        metrics = opd_iteration(run, 1)
+        keys = ("first_step_ratio_noise", "first_step_noise_clip_fraction", "clip_fraction", "log_ratio_max")
+        result = {"config": name, **{k: metrics[k] for k in keys}}
+        print(json.dumps(result), flush=True)
+        return result
+
+    results = []
+    for name in configs:
+        micro_batch, _, compiled, _, _ = CONFIGS[name]
+        cfg = Config(base="random-sd3", **inputs, images_per_iteration=images, group_size=4, updates=2,
+                     micro_batch=micro_batch, compile=compiled, loss="kl_only", lr=1e-30, weight_decay=0.0,
+                     out=str(Path(inputs["anchor"]).parent / f"ratio_{name.replace(' ', '_')}"), overwrite=True,
+                     resolution=latent * 8)
+        results.append(with_run(cfg, name, model_config, latent, device, lambda run: measure(run, name)))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {list(CONFIGS)}")
     parser.add_argument("--iterations", type=int, default=2, help="timed iterations per config (after one warm-up)")
     parser.add_argument("--images", type=int, default=16, help="images per iteration")
+    parser.add_argument("--draws", type=int, default=4, help="draws of the sampled steps for the gradient cosine")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke test of this script)")
     parser.add_argument("--skip_precision", action="store_true")
+    parser.add_argument("--ratio", action="store_true", help="the first-step PPO ratio study instead of speed")
     parser.add_argument("--out", default="out/bench")
     args = parser.parse_args()
     _, _, device = setup_distributed()                                         # a world of one, as train.py
@@ -232,37 +311,60 @@ def main() -> None:
     print(json.dumps(record), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         inputs = write_inputs(Path(tmp), random_base(model_config, "meta", torch.float32, latent).transformer)  # shapes only
+        if args.ratio:
+            names = args.configs.split(",") if args.configs != ",".join(CONFIGS) else ["eager b16", "compiled b16"]
+            record["ratio"] = ratio_study(model_config, latent, inputs, device, 2 * args.images, names)
+            (out / "ratio.json").write_text(json.dumps(record, indent=2))
+            (out / "ratio.md").write_text(ratio_table(record))
+            print(ratio_table(record))
+            return
         for name in args.configs.split(","):
             count = not any(c.get("flops") for c in record["configs"]) and not CONFIGS[name][1]  # model FLOPs:
-            result = bench_config(name, model_config, latent, inputs, device, args.iterations, args.images, count)  # no recompute
+            result = bench_config(name, model_config, latent, inputs, device, args.iterations, args.images, count,  # no
+                                  args.draws)                                                                      # recompute
             record["configs"].append(result)
             print(json.dumps(result), flush=True)
             (out / "bench.json").write_text(json.dumps(record, indent=2))
         if not args.skip_precision:
             record["teacher_precision"] = teacher_precision_ratio(model_config, latent, device, 8, Path(tmp))
             print(json.dumps(record["teacher_precision"]), flush=True)
-    flops = next(c["flops"] for c in record["configs"] if c.get("flops"))
-    record["tflop_per_image"] = {k: v / 1e12 for k, v in flops.items()} | {"total": sum(flops.values()) / 1e12}
+    counted = next(c for c in record["configs"] if c.get("flops"))
+    rows = counted["rows_per_image"]                                           # the counted one-image batch's rows
+    record["tflop"] = {"rollout": counted["flops"]["rollout"] / 1e12,            # per image, and per trained row:
+                       "targets_per_row": counted["flops"]["targets"] / rows / 1e12,
+                       "train_per_row": counted["flops"]["train"] / rows / 1e12}
     (out / "bench.json").write_text(json.dumps(record, indent=2))
     (out / "bench.md").write_text(table(record))
     print(table(record))
 
 
+def tflop_per_image(record: dict, rows: int) -> dict:
+    """Per-phase TFLOP of one image with `rows` trained rows (the rollout is whole; targets and training per row)."""
+    t = record["tflop"]
+    phases = {"rollout": t["rollout"], "targets": rows * t["targets_per_row"], "train": rows * t["train_per_row"]}
+    return phases | {"total": sum(phases.values())}
+
+
 def table(record: dict) -> str:
-    total = record["tflop_per_image"]["total"]
+    dense = tflop_per_image(record, 9)
     lines = [f"{record['device']}, torch {record['torch']}, bf16 matmul peak {record['matmul_peak_tflops']:.0f} TFLOP/s; "
-             f"counted {total:.1f} TFLOP per image (" + ", ".join(f"{k} {v:.1f}" for k, v in
-                                                       record["tflop_per_image"].items() if k != "total") + ")", "",
-             "| config | images/s | s/iter | rollout | teacher+anchor | student fwd+bwd | optimizer | peak GB | MFU |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"counted {dense['total']:.1f} TFLOP per image dense (" + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                                       dense.items() if k != "total") + ")", "",
+             "| config | images/s (per GPU) | s/iter | rollout | teacher+anchor | student fwd+bwd | optimizer | peak GB "
+             "| TFLOP/image (rollout + targets + train) | MFU | grad cos vs dense | GPU-h / 100 paper updates |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in record["configs"]:
         if "error" in c:
-            lines.append(f"| {c['config']} | {c['error'][:60]} |||||||")
+            lines.append(f"| {c['config']} | {c['error'][:60]} ||||||||||")
             continue
-        mfu = total * 1e12 * c["images_per_s"] / (record["matmul_peak_tflops"] * 1e12)
+        f = tflop_per_image(record, c["rows_per_image"])
+        mfu = f["total"] * 1e12 * c["images_per_s"] / (record["matmul_peak_tflops"] * 1e12)
+        cosine = "1 (is dense)" if not c["sampled_steps"] else \
+            f"{c['grad_cosine']:.3f}" if c.get("grad_cosine") is not None else "-"
         lines.append(f"| {c['config']} | {c['images_per_s']:.2f} | {c['seconds']:.2f} | {c['seconds_rollout']:.2f} | "
                      f"{c['seconds_targets']:.2f} | {c['seconds_train']:.2f} | {c['seconds_optimizer']:.3f} | "
-                     f"{c['peak_gb']:.1f} | {mfu:.1%} |")
+                     f"{c['peak_gb']:.1f} | {f['total']:.1f} ({f['rollout']:.1f} + {f['targets']:.1f} + {f['train']:.1f}) | "
+                     f"{mfu:.1%} | {cosine} | {100 * PAPER_UPDATE_IMAGES / c['images_per_s'] / 3600:.2f} |")
     for c in record["configs"]:
         if "ema_update_s" in c:
             lines.append(f"\n{c['config']}: one EMA update {c['ema_update_s'] * 1e3:.2f} ms = "
@@ -273,6 +375,19 @@ def table(record: dict) -> str:
         p = record["teacher_precision"]
         lines.append(f"\nteacher pass (9 steps, CFG, 8 images): bf16 {p['bf16']:.2f} s, fp32/TF32 {p['fp32_tf32']:.2f} s, "
                      f"ratio {p['fp32_over_bf16']:.2f}x")
+    return "\n".join(lines) + "\n"
+
+
+def ratio_table(record: dict) -> str:
+    lines = [f"{record['device']}, torch {record['torch']}: kl_only, lr 1e-30 (weights unchanged), 2 optimizer steps, clip range 1e-4", "",
+             "| config | before: max abs(log pi_train - log pi_rollout), 1st step | before: clipped, 1st step | "
+             "after: clipped (both steps) | after: max abs log-ratio, 2nd step |", "|---|---|---|---|---|"]
+    for c in record["ratio"]:
+        if "error" in c:
+            lines.append(f"| {c['config']} | {c['error'][:60]} ||||")
+            continue
+        lines.append(f"| {c['config']} | {c['first_step_ratio_noise']:.2e} | {c['first_step_noise_clip_fraction']:.1%} | "
+                     f"{c['clip_fraction']:.1%} | {c['log_ratio_max']:.2e} |")
     return "\n".join(lines) + "\n"
 
 

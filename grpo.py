@@ -8,6 +8,9 @@ trained step j (j = 0 .. train_steps-1):
     ratio_ij = exp(log pi_theta(x_{j+1} | x_j) - log pi_old(x_{j+1} | x_j))        (per-element-mean log-probs)
     L_ij    = max(-A_i ratio_ij, -A_i clip(ratio_ij, 1 - eps, 1 + eps)) + beta K_j(S, base)
     L       = mean_ij L_ij,      eps = --clip_range (1e-4),  beta = --beta
+With --sampled_steps k each image trains k of the J steps, every step with probability k/J (Flow-GRPO's
+`timestep_fraction`; drawn by systematic sampling from the image's seed, opd_loss.py), weight 1/k: an unbiased
+estimate of the same L. The first optimizer step's ratios are exactly 1 (train.train_passes, train.ratio_terms).
 
 - mean_g is over the G images of one prompt; std_batch is the (population) std over the WHOLE global batch,
   all ranks together, as Flow-GRPO does with its global std. A group always lies whole on one rank
@@ -42,8 +45,6 @@ samples also lose their KL term; we train on all samples (a zero-variance group 
 
 Demo: torchrun --nproc_per_node=1 train.py --algo grpo --reward toy_ocr --out out/grpo_toy_ocr
 """
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
@@ -51,8 +52,8 @@ from opd_loss import step_kl
 from rewards import REWARDS, check_metadata, check_reward_options, make_weighted_reward, parse_reward_options
 from rewards import make_reward as make_single_reward
 from toy_tasks import TASKS as TOY_TASKS
-from train import (Stats, clock, local_batch, parse_pairs, student_rollout, student_step, train_passes,
-                   velocities_at_states)
+from train import (Stats, clock, draw_rows, local_batch, parse_pairs, ratio_terms, student_rollout, student_step,
+                   train_passes, velocities_at_rows)
 
 ADVANTAGE_CLIP = 5.0
 
@@ -166,59 +167,49 @@ def check_tasks(prompts: dict, task_spec: str, spec: str = "") -> None:
 
 # ----------------------------------------------------------------------------------------- one iteration
 
-@dataclass
-class ScoredBatch:
-    """One rolled-out micro-batch (whole groups, or a part of one), scored, with its reference velocities."""
-    tasks: list
-    cond: object                        # sde_sampler.Condition
-    x: torch.Tensor                     # [T+1, b, C, H, W] states
-    log_prob_old: torch.Tensor          # [T, b]
-    v_base: torch.Tensor                # [J, b, C, H, W] reference (base or --anchor) velocities
-    rewards: dict                       # "reward" and, for a weighted sum, "reward_<key>" -> [b]
-    advantage: torch.Tensor = None      # [b], set once the global batch std is known
-
-
 def grpo_iteration(run, iteration: int) -> dict:
-    """One Flow-GRPO iteration: rollouts (no grad), rewards, group advantages, then PPO passes like opd_iteration."""
-    cfg = run.cfg
+    """One Flow-GRPO iteration: rollouts (no grad), rewards, group advantages, the training rows (all trained steps,
+    or --sampled_steps drawn uniformly per image) with the reference velocities there, then the PPO passes."""
     mine, seeds = local_batch(run, iteration)                                   # whole groups on this rank
     timer = {"rollout": 0.0, "reward": 0.0, "targets": 0.0, "train": 0.0, "optimizer": 0.0}
-    batches = [sample(run, mine[start: start + cfg.micro_batch], seeds[start: start + cfg.micro_batch], timer)
-               for start in range(0, run.local_images, cfg.micro_batch)]
-    rewards = torch.cat([b.rewards["reward"] for b in batches])                # [local images]
-    std = global_std(rewards)
-    for b, advantage in zip(batches, group_advantages(rewards, cfg.group_size, std).split(cfg.micro_batch)):
-        b.advantage = advantage
+    t0 = clock(run.device)
+    batch = student_rollout(run, mine, seeds)
+    t1 = clock(run.device)
+    batch.per_image = score(run, batch)                                         # "reward", "reward_<part>"  [N]
+    std = global_std(batch.per_image["reward"])
+    advantage = group_advantages(batch.per_image["reward"], run.cfg.group_size, std).to(run.device)
+    batch.per_image |= {"advantage": advantage, "advantage_abs": advantage.abs()}
+    t2 = clock(run.device)
+    rows = draw_rows(run, seeds)
+    rows.targets["base"] = velocities_at_rows(run, [run.anchor] * len(rows), batch, rows)
+    timer |= {"rollout": t1 - t0, "reward": t2 - t1, "targets": clock(run.device) - t2}
 
     stats = Stats(list(run.prompts), run.device)
-    train_passes(run, batches, step_loss, stats, timer)                         # train.py steps 4-5
+    train_passes(run, batch, rows, step_loss, stats, timer)                    # train.py steps 4-5
     return stats.summary() | {"reward_std": float(std)} | {f"seconds_{k}": v for k, v in timer.items()}
 
 
-def sample(run, groups: list, seeds: list, timer: dict) -> ScoredBatch:
-    """Roll out one micro-batch (no grad), score the decoded final images, and get the reference velocities."""
-    tasks, prompts = zip(*groups)
-    t0 = clock(run.device)
-    cond, traj = student_rollout(run, prompts, seeds)
-    t1 = clock(run.device)
-    metadata = [getattr(p, "metadata", None) for p in prompts]                 # each prompt's .jsonl line or None
-    reward, parts = run.reward(run.base.decode(traj.x[-1]), list(prompts), list(tasks), metadata)  # r_i on x_T  [b]
-    rewards = {"reward": reward} | ({f"reward_{k}": v for k, v in parts.items()} if len(parts) > 1 else {})
-    t2 = clock(run.device)
-    v_base = velocities_at_states(run, [run.anchor] * len(tasks), traj, cond)
-    timer["rollout"] += t1 - t0
-    timer["reward"] += t2 - t1
-    timer["targets"] += clock(run.device) - t2
-    return ScoredBatch(list(tasks), cond, traj.x, traj.log_prob, v_base, {k: v.to(run.device) for k, v in rewards.items()})
+def score(run, batch) -> dict:
+    """Rewards of the decoded final images, --micro_batch images per decode.  -> "reward" and, for a weighted
+    sum, "reward_<key>" -> [N] on the run's device"""
+    size, parts = run.cfg.micro_batch, []
+    for start in range(0, len(batch.tasks), size):
+        images = run.base.decode(batch.x[-1, start: start + size])              # x_T -> images
+        cut = slice(start, start + size)
+        metadata = [getattr(p, "metadata", None) for p in batch.prompts[cut]]  # each prompt's .jsonl line or None
+        parts.append(run.reward(images, batch.prompts[cut], batch.tasks[cut], metadata))  # r_i, {part: r_i}
+    reward = torch.cat([r for r, _ in parts])
+    named = {f"reward_{k}": torch.cat([p[k] for _, p in parts]) for k in parts[0][1]} if len(parts[0][1]) > 1 else {}
+    return {k: v.to(run.device) for k, v in ({"reward": reward} | named).items()}
 
 
-def step_loss(run, batch: ScoredBatch, j: int):
-    """Student forward at (x_j, sigma_j) with grad; K_j to the reference; the PPO clip loss.
-    -> loss [b], {kl_base, clip_fraction (1.0 where the ratio lies outside 1 +- eps), advantage, rewards: [b]}"""
+def step_loss(run, batch, rows):
+    """Student forward at the rows' (x_j, sigma_j) with grad; K_j to the reference; the PPO clip loss.
+    -> loss [r], {kl_base, ratio metrics (train.ratio_terms), advantage, rewards: [r]}, {maxima}"""
     cfg = run.cfg
-    v_student, log_prob = student_step(run, batch, j)
-    kl_base = step_kl(v_student, batch.v_base[j], run.kl_w[j])                 # K_j(S, base)  [b]
-    loss = grpo_loss(batch.advantage, log_prob, batch.log_prob_old[j], kl_base, cfg.beta, cfg.clip_range)
-    clipped = ((log_prob - batch.log_prob_old[j]).exp() - 1).abs().gt(cfg.clip_range).float()
-    return loss, {"kl_base": kl_base.detach(), "clip_fraction": clipped, "advantage": batch.advantage,
-                  "advantage_abs": batch.advantage.abs(), **batch.rewards}     # per-image values: same mean
+    v_student, log_prob = student_step(run, batch, rows)
+    kl_base = step_kl(v_student, rows.targets["base"], run.kl_w[rows.step])    # K_j(S, base)  [r]
+    log_prob_old, logged, peaks = ratio_terms(run, batch, rows, log_prob)
+    per_image = {name: value[rows.image] for name, value in batch.per_image.items()}   # advantage, rewards  [r]
+    loss = grpo_loss(per_image["advantage"], log_prob, log_prob_old, kl_base, cfg.beta, cfg.clip_range)
+    return loss, {"kl_base": kl_base.detach()} | logged | per_image, peaks     # per-image values: their mean

@@ -3,9 +3,10 @@
 Flow-OPD (sec. 3) distils several single-task teachers into one student. Each prompt carries a task
 tag; the teacher of that task labels every state the student visits on that prompt (hard routing).
 Teacher and anchor velocities need no gradient and depend only on the stored state (x_j, sigma_j,
-prompt), so after a rollout they are computed once, grouped by adapter: one `set_adapter` and one
-batched CFG forward per adapter present in the batch (on an H100 with SD3.5-M, switching adapters per
-group was 1.45x faster than peft's mixed `adapter_names` batch).
+prompt), so after a rollout they are computed once at the rows that will be trained (every (image, step),
+or the drawn ones with --sampled_steps), grouped by adapter: one `set_adapter` and batched CFG forwards
+per adapter present (on an H100 with SD3.5-M, switching adapters per group was 1.45x faster than peft's
+mixed `adapter_names` batch).
 
 Deviations from the authors' code: they load a full fp32 SD3.5-M per teacher and alternate whole epochs
 per dataset (OCR 1 : GenEval 3); we keep every teacher as a LoRA adapter on the one base (in the base's
@@ -103,24 +104,21 @@ def route(tasks: list[str], routes: dict[str, str]) -> list[str]:
 
 
 @torch.no_grad()
-def target_velocities(transformer, adapters: list, states, sigmas, cond: Condition, guidance: float,
+def target_velocities(transformer, adapters: list, x, sigma, cond: Condition, image, guidance: float,
                       chunk: int) -> torch.Tensor:
-    """CFG velocity of each sample's adapter at every stored state, one pass per adapter present.
+    """CFG velocity of each row's adapter at the row's state, one pass per adapter present, `chunk` rows a forward.
+    A row is one image at one stored state (rows may mix states and images).
 
-    adapters: [B] adapter names (or BASE); states: [J, B, C, H, W]; sigmas: [J] -> float32 [J, B, C, H, W]
+    adapters: [R] adapter names (or BASE); x: [R, C, H, W]; sigma: [R]; cond: [B] prompts; image: [R] long, the
+    row's prompt in cond  -> float32 [R, C, H, W]
     """
-    steps, batch = states.shape[:2]
-    rows_x = states.flatten(0, 1)                                              # row r = (j, i), r = j*B + i
-    rows_sigma = sigmas.to(states.device).repeat_interleave(batch)              # [J*B]
-    rows_sample = torch.arange(batch, device=states.device).repeat(steps)      # [J*B]
-    velocity = torch.empty_like(rows_x, dtype=torch.float32)
+    velocity = torch.empty_like(x, dtype=torch.float32)
     for name in dict.fromkeys(adapters):                                       # each adapter once, in order
-        rows = torch.tensor([r for r in range(steps * batch) if adapters[r % batch] == name], device=states.device)
+        rows = torch.tensor([r for r, a in enumerate(adapters) if a == name], device=x.device)
         with use_adapter(transformer, name):
             for part in rows.split(chunk):
-                velocity[part] = cfg_velocity(transformer, rows_x[part], rows_sigma[part],
-                                              cond[rows_sample[part]], guidance)
-    return velocity.view(steps, batch, *states.shape[2:])
+                velocity[part] = cfg_velocity(transformer, x[part], sigma[part], cond[image[part]], guidance)
+    return velocity
 
 
 @torch.no_grad()

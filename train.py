@@ -3,10 +3,11 @@
 One iteration, top to bottom (see `opd_iteration`):
   1. sample task-tagged prompts (the same global list on every rank; each rank takes its slice), encode them
   2. roll out the student's SDE (no grad), storing x_j, x_{j+1} and log pi_old          (sde_sampler.py)
-  3. at every stored state, the velocity of the sample's routed teacher and of the anchor (no grad,
-     one pass per adapter)                                                              (teachers.py, mar.py)
-  4. for each trained step j: student CFG forward with grad, K_j to teacher and anchor, the loss
-     (gkd or kl_only), backward                                                         (opd_loss.py)
+  3. the training rows (image i, trained step j): all J steps of every image, or --sampled_steps k drawn per
+     image with unbiased weights (opd_loss.py); at each row's state, the velocity of the image's routed
+     teacher and of the anchor (no grad, one pass per adapter)                          (teachers.py, mar.py)
+  4. micro-batches of rows (they may mix steps): student CFG forward with grad, K_j to teacher and anchor,
+     the loss (gkd or kl_only), backward of the weighted sum                           (opd_loss.py)
   5. all-reduce the LoRA gradients, clip, AdamW step (skipped on every rank when the gradient is not
      finite); log; checkpoint (checkpoint.py: atomic, resumable with --resume)
 Batch sizes are global and divided by the world size. Only rank 0 writes. One code path for 1..N
@@ -22,7 +23,7 @@ Other --algo: sft (the SFT cold start, `sft_iteration`), grpo (Flow-GRPO with --
 Run:  torchrun --nproc_per_node=8 train.py --base sd3.5-medium --teachers ocr=ocr_lora,geneval=geneval_lora \
           --prompts ocr=dataset/ocr/train.txt,geneval=dataset/geneval/train_metadata.jsonl --out out/opd_sd35m
 """
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 import difflib
 import inspect
 import json
@@ -50,7 +51,8 @@ import live_log
 from mar import load_anchor
 from merge_lora import LoRAFileError, load_lora
 from models import load_base
-from opd_loss import LOSSES, kl_weights, step_kl
+from opd_loss import (LOSSES, inclusion_probabilities, kl_weights, step_kl, step_probabilities, systematic_steps,
+                      uniform_on_grid)
 from rewards import RewardError, make_reward
 from sde_sampler import cfg_velocity, gaussian_log_prob, initial_noise, rollout, sde_mean, sde_scale, transition_std
 from sft import flow_matching_loss
@@ -94,7 +96,9 @@ class Config:
     group_size: int = 16               # images per prompt
     updates: int = 2                   # optimizer updates per iteration (each on an equal share of the images)
     micro_batch: int = 8               # images per forward, per rank
-    target_batch: int = 0              # (state, image) rows per no-grad teacher/anchor forward; 0 = micro_batch
+    target_batch: int = 0              # (state, image) rows per no-grad forward (rollout, targets); 0 = micro_batch
+    train_batch: int = 0               # (state, image) rows per student forward with grad (opd, grpo); 0 = micro_batch
+    sampled_steps: int = 0             # k trained steps drawn per image, unbiased (opd_loss.py); 0 = all (dense)
     # student LoRA and optimiser
     rank: int = 32                     # LoRA rank r of a fresh student
     alpha: float = 64.0                # LoRA alpha of a fresh student (scale alpha / r)
@@ -132,7 +136,7 @@ class Config:
 LIMITS = {"lora_alpha": ">= 0", "beta": ">= 0", "clip_range": "> 0", "resolution": ">= 1", "steps": ">= 1",
           "train_steps": ">= 1", "noise_level": ">= 0", "guidance": ">= 0", "max_sequence_length": ">= 1",
           "sft_sample_steps": ">= 1", "images_per_iteration": ">= 1", "group_size": ">= 1", "updates": ">= 1",
-          "micro_batch": ">= 1", "target_batch": ">= 0", "rank": ">= 1", "alpha": "> 0", "lr": "> 0",
+          "micro_batch": ">= 1", "target_batch": ">= 0", "train_batch": ">= 0", "sampled_steps": ">= 0", "rank": ">= 1", "alpha": "> 0", "lr": "> 0",
           "weight_decay": ">= 0", "grad_clip": "> 0", "iterations": ">= 1", "seed": ">= 0", "save_every": ">= 1",
           "keep": ">= 0", "max_bad_steps": ">= 1",
           "eval_every": ">= 0", "eval_max_prompts": ">= 0", "eval_steps": ">= 1"}
@@ -415,6 +419,8 @@ class Run:
     local_images: int                   # images per rank per iteration
     identity: dict                      # what a checkpoint must match to continue this run (checkpoint.py)
     reward: object = None               # grpo: reward(images, prompts, tasks, metadata) -> (r [B], parts) (grpo.py)
+    inclusion: torch.Tensor = None      # [J] pi_j, the probability that an image trains step j (all 1: dense)
+    ratio: bool = False                 # the loss has a PPO ratio (kl_only, grpo): exact old log-probs (train_passes)
     bad_steps: int = 0                  # non-finite optimizer steps in a row
     ema: object = None                  # ema.EMA under --ema (its adapter ema.ADAPTER is evaluated and exported)
     evaluation: tuple | None = None     # in-loop evaluation: (jobs {task: (prompts, seeds)}, rewards {task: fn})
@@ -431,6 +437,8 @@ def check_batch(cfg: Config, world: int) -> int:
                          f"x micro-batches of --micro_batch {cfg.micro_batch}")
     if not 0 < cfg.train_steps <= cfg.steps:
         raise ValueError(f"--train_steps {cfg.train_steps} must be in 1..--steps {cfg.steps}")
+    if not 0 <= cfg.sampled_steps <= cfg.train_steps:
+        raise ValueError(f"--sampled_steps {cfg.sampled_steps} must be in 0 (all)..--train_steps {cfg.train_steps}")
     return local
 
 
@@ -540,11 +548,14 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
     loss_fn = lambda *terms: LOSSES[cfg.loss](*terms, beta=cfg.beta, **options)  # noqa: E731
     sigmas = base.sigmas(cfg.steps).to(device)
     kl_w = kl_weights(sigmas, cfg.noise_level, cfg.kl_weighting)
+    p = torch.ones(cfg.train_steps) if cfg.algo == "grpo" else step_probabilities(kl_w[:cfg.train_steps])
+    inclusion = inclusion_probabilities(p, cfg.sampled_steps or cfg.train_steps)   # GRPO: uniform (timestep_fraction)
     if rank == 0:
+        drawn = f" ({cfg.sampled_steps} drawn per image)" if cfg.sampled_steps else ""
         print(f"batch: {cfg.images_per_iteration} images/iteration = {world} ranks x {local} "
               f"({local // cfg.group_size} prompts x {cfg.group_size}); {cfg.updates} optimizer updates of "
               f"{local // cfg.updates} images/rank in micro-batches of {cfg.micro_batch}; "
-              f"{cfg.train_steps}/{cfg.steps} steps trained. student LoRA: {n_params / 1e6:.2f}M params; "
+              f"{cfg.train_steps}/{cfg.steps} steps trained{drawn}. student LoRA: {n_params / 1e6:.2f}M params; "
               f"teachers: {routes}; anchor: {anchor or 'base'}", flush=True)
         if ema_state or evaluation:
             tasks = ", ".join(f"{t} {len(p)}" for t, (p, _) in evaluation[0].items()) if evaluation else ""
@@ -552,8 +563,8 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
                   (f"every {cfg.eval_every} iterations, {cfg.eval_steps} ODE steps, prompts {tasks}" if evaluation
                    else "off"), flush=True)
     return Run(cfg, rank, world, device, base, routes, anchor, prompts, weights, params, optimizer, loss_fn,
-               kl_w, sigmas, local, checkpoint.identity(cfg, base.name, teachers, prompts), reward, ema=ema_state,
-               evaluation=evaluation)
+               kl_w, sigmas, local, checkpoint.identity(cfg, base.name, teachers, prompts), reward, inclusion,
+               ratio=cfg.algo == "grpo" or cfg.loss == "kl_only", ema=ema_state, evaluation=evaluation)
 
 
 def resolve_evaluation(cfg: Config, tasks: list[str]) -> tuple | None:
@@ -614,14 +625,36 @@ def write_record(cfg: Config, out: Path, base_name: str, world: int) -> None:
 # ----------------------------------------------------------------------------------------- one iteration
 
 @dataclass
-class MicroBatch:
-    """One rolled-out micro-batch and its no-grad targets, kept for the training passes."""
-    tasks: list
-    cond: object                        # sde_sampler.Condition
-    x: torch.Tensor                     # [T+1, b, C, H, W] states
-    log_prob_old: torch.Tensor          # [T, b]
-    v_teacher: torch.Tensor             # [J, b, C, H, W]
-    v_anchor: torch.Tensor              # [J, b, C, H, W]
+class Rollouts:
+    """This rank's images of one iteration, rolled out (no grad): states and the rollout's log-probs."""
+    tasks: list                         # [N]
+    prompts: list                       # [N]
+    cond: object                        # sde_sampler.Condition, [N]
+    x: torch.Tensor                     # [T+1, N, C, H, W] states
+    log_prob: torch.Tensor              # [T, N] log pi_old(x_{j+1} | x_j) as the rollout computed it
+    per_image: dict = field(default_factory=dict)   # grpo: "advantage", rewards -> [N]
+
+
+@dataclass
+class Rows:
+    """Training rows: image i (an index into Rollouts) at trained step j, the estimator weight of the row, and
+    the no-grad targets there. A micro-batch of rows may mix steps (the transformer takes one sigma per row)."""
+    image: torch.Tensor                 # [R] long
+    step: torch.Tensor                  # [R] long, j
+    weight: torch.Tensor                # [R] 1 / (J pi_j): sum over an image's rows estimates (1/J) sum_j l_ij
+    targets: dict = field(default_factory=dict)     # name -> [R, C, H, W] velocities (teacher, anchor, base)
+    log_prob_old: torch.Tensor = None   # [R] old log-probs of the PPO ratio; None: the training forward's own
+
+    def __getitem__(self, index) -> "Rows":
+        return Rows(self.image[index], self.step[index], self.weight[index],
+                    {name: v[index] for name, v in self.targets.items()},
+                    None if self.log_prob_old is None else self.log_prob_old[index])
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    def split(self, size: int) -> list["Rows"]:
+        return [self[start: start + size] for start in range(0, len(self), size)]
 
 
 def local_batch(run: Run, iteration: int) -> tuple[list[tuple[str, str]], list[int]]:
@@ -636,64 +669,108 @@ def local_batch(run: Run, iteration: int) -> tuple[list[tuple[str, str]], list[i
 
 def opd_iteration(run: Run, iteration: int) -> dict:
     """One Flow-OPD iteration (module docstring, steps 1-5)."""
-    cfg = run.cfg
     # 1. this rank's slice of the global batch
     mine, seeds = local_batch(run, iteration)
     timer = {"rollout": 0.0, "targets": 0.0, "train": 0.0, "optimizer": 0.0}
 
-    # 2-3. student rollouts (no grad), then teacher and anchor velocities at the stored states
-    batches = []
-    for start in range(0, run.local_images, cfg.micro_batch):
-        tasks, prompts = zip(*mine[start: start + cfg.micro_batch])
-        t0 = clock(run.device)
-        cond, traj = student_rollout(run, prompts, seeds[start: start + cfg.micro_batch])
-        t1 = clock(run.device)
-        v_teacher = velocities_at_states(run, route(tasks, run.routes), traj, cond)
-        v_anchor = velocities_at_states(run, [run.anchor] * len(tasks), traj, cond)
-        timer["rollout"] += t1 - t0
-        timer["targets"] += clock(run.device) - t1
-        batches.append(MicroBatch(list(tasks), cond, traj.x, traj.log_prob, v_teacher, v_anchor))
+    # 2. student rollouts (no grad)
+    t0 = clock(run.device)
+    batch = student_rollout(run, mine, seeds)
+    t1 = clock(run.device)
 
-    # 4-5. for each optimizer update: every micro-batch, every trained step j: student forward with grad, loss, backward
+    # 3. the rows to train (every trained step, or --sampled_steps drawn per image); teacher and anchor there
+    rows = draw_rows(run, seeds)
+    tasks = [batch.tasks[i] for i in rows.image.tolist()]                      # each row's task
+    rows.targets["teacher"] = velocities_at_rows(run, route(tasks, run.routes), batch, rows)
+    rows.targets["anchor"] = velocities_at_rows(run, [run.anchor] * len(rows), batch, rows)
+    timer["rollout"], timer["targets"] = t1 - t0, clock(run.device) - t1
+
+    # 4-5. per optimizer update, its images' rows in micro-batches: student forward with grad, loss, backward; AdamW
     stats = Stats(list(run.prompts), run.device)
-    train_passes(run, batches, step_loss, stats, timer)
+    train_passes(run, batch, rows, step_loss, stats, timer)
     return stats.summary() | {f"seconds_{k}": v for k, v in timer.items()}
 
 
-def student_rollout(run: Run, prompts, seeds: list[int]):
-    """Encode the prompts and roll out the student's SDE from each seed's noise (no grad).  -> (cond, trajectory)"""
+def student_rollout(run: Run, mine: list[tuple[str, str]], seeds: list[int]) -> Rollouts:
+    """Encode the prompts and roll out the student's SDE from each seed's noise (no grad), --target_batch images
+    per forward (the rollouts are per image: any split gives the same states).  mine: [N] (task, prompt)"""
     cfg, base = run.cfg, run.base
+    tasks, prompts = zip(*mine)
     cond = base.condition(list(prompts))
-    x0, noise = initial_noise(seeds, base.latent_shape, cfg.steps, run.device)
-    return cond, rollout(base.transformer, cond, x0, noise, run.sigmas, cfg.noise_level, cfg.guidance)
+    size = cfg.target_batch or cfg.micro_batch
+    parts = []
+    for start in range(0, len(seeds), size):
+        x0, noise = initial_noise(seeds[start: start + size], base.latent_shape, cfg.steps, run.device)
+        parts.append(rollout(base.transformer, cond[start: start + size], x0, noise, run.sigmas, cfg.noise_level,
+                             cfg.guidance))
+    x, log_prob = torch.cat([t.x for t in parts], 1), torch.cat([t.log_prob for t in parts], 1)   # [T+1, N], [T, N]
+    return Rollouts(list(tasks), list(prompts), cond, x, log_prob)
 
 
-def velocities_at_states(run: Run, adapters: list, traj, cond) -> torch.Tensor:
-    """No-grad CFG velocities of `adapters` (one per image) at the trained states x_0..x_{J-1} of a rollout,
-    --target_batch rows per forward.  -> [J, b, C, H, W]"""
-    cfg, j = run.cfg, run.cfg.train_steps
-    return target_velocities(run.base.transformer, adapters, traj.x[:j], run.sigmas[:j], cond, cfg.guidance,
-                             cfg.target_batch or cfg.micro_batch)
+ROW_SALT = 0x57E95   # keeps the step draws apart from the image's noise stream
 
 
-def train_passes(run: Run, batches: list, step_fn, stats, timer: dict) -> None:
-    """Steps 4-5 for any per-step loss (OPD here, GRPO in grpo.py): for each of the --updates, its share
-    of the micro-batches, every trained step j: loss with grad, backward; then the guarded AdamW step.
-    step_fn(run, batch, j) -> (loss [b], {metric name: [b]})"""
+def draw_rows(run: Run, seeds: list[int]) -> Rows:
+    """Each image's trained steps, drawn from its own seed (the same draws on 1 or N processes): systematic
+    sampling with inclusion probabilities run.inclusion (opd_loss.systematic_steps; all ones = dense)."""
+    us = [uniform_on_grid(random.Random(sample_seed(seed, ROW_SALT))) for seed in seeds]
+    return rows_at(run.inclusion, us, run.device)
+
+
+def rows_at(inclusion: torch.Tensor, us: list[float], device) -> Rows:
+    """The rows of images drawn with uniforms `us` [N], weight 1 / (J pi_j), ordered by (step, image).
+    inclusion: [J] pi_j"""
+    steps = [systematic_steps(inclusion, u) for u in us]
+    image = torch.tensor([i for i, s in enumerate(steps) for _ in s])
+    step = torch.tensor([j for s in steps for j in s])
+    order = torch.argsort(step * len(us) + image)
+    weight = 1 / (len(inclusion) * inclusion.to(torch.float64))                 # Horvitz-Thompson: 1 / (J pi_j)
+    return Rows(image[order].to(device), step[order].to(device), weight[step[order]].float().to(device))
+
+
+def velocities_at_rows(run: Run, adapters: list, batch: Rollouts, rows: Rows) -> torch.Tensor:
+    """No-grad CFG velocities of `adapters` (one per row) at the rows' states x_j of the rollouts, --target_batch
+    rows per forward.  -> [R, C, H, W]"""
     cfg = run.cfg
-    micro_batches_per_update = len(batches) // cfg.updates
-    for k in range(cfg.updates):
+    return target_velocities(run.base.transformer, adapters, batch.x[rows.step, rows.image], run.sigmas[rows.step],
+                             batch.cond, rows.image, cfg.guidance, cfg.target_batch or cfg.micro_batch)
+
+
+def train_passes(run: Run, batch: Rollouts, rows: Rows, step_fn, stats, timer: dict) -> None:
+    """Steps 4-5 for any per-row loss (OPD here, GRPO in grpo.py). The images split into --updates equal
+    shares; for each share: its rows, --train_batch per micro-batch: loss with grad, backward of
+    sum_r weight_r loss_r / (images in the share); then the guarded AdamW step.
+    Old log-probs of the PPO ratio (kl_only, grpo): the first share's rows use the training forward's own
+    (detached) log-prob, ratio exactly 1; the later shares' are recomputed first (recompute_old_log_probs).
+    step_fn(run, batch, rows) -> (loss [r], {metric: [r]}, {metric: [r] whose maximum is logged})"""
+    cfg = run.cfg
+    images = run.local_images // cfg.updates
+    shares = [rows[rows.image // images == k] for k in range(cfg.updates)]
+    size = cfg.train_batch or cfg.micro_batch
+    t0 = clock(run.device)
+    recompute_old_log_probs(run, batch, shares[1:] if run.ratio else [], size)
+    timer["train"] += clock(run.device) - t0
+    for share in shares:
         t0, loss_sum = clock(run.device), torch.zeros((), device=run.device)
-        for batch in batches[k * micro_batches_per_update: (k + 1) * micro_batches_per_update]:
-            for j in range(cfg.train_steps):
-                loss, logged = step_fn(run, batch, j)                          # [b], {name: [b]}
-                (loss.mean() / (micro_batches_per_update * cfg.train_steps)).backward()
-                stats.add(batch.tasks, loss=loss, **logged)
-                loss_sum += loss.detach().sum()
+        for part in share.split(size):
+            loss, logged, peaks = step_fn(run, batch, part)                      # [r], {name: [r]}, {name: [r]}
+            ((part.weight * loss).sum() / images).backward()
+            stats.add([batch.tasks[i] for i in part.image.tolist()], part.weight, loss=loss, **logged)
+            stats.peak(**peaks)
+            loss_sum += (part.weight * loss).detach().sum()
         t1 = clock(run.device)
         stats.norms.append(optimizer_step(run, loss_sum))
         timer["train"] += t1 - t0
         timer["optimizer"] += clock(run.device) - t1
+
+
+def recompute_old_log_probs(run: Run, batch: Rollouts, shares: list, size: int) -> None:
+    """log pi_old of the later optimizer steps' rows, before any step (the parameters are those of the rollout)
+    by the training forward itself: the same micro-batches, grad mode on (under --compile, the training graph,
+    whose rounding differs from the no-grad rollout's by up to 2.5e-4 at SD3.5-M, over the 1e-4 clip range),
+    the output detached. Their ratios then hold the policy's change alone. Costs one forward per such row."""
+    for share in shares:
+        share.log_prob_old = torch.cat([student_step(run, batch, part)[1].detach() for part in share.split(size)])
 
 
 def sft_iteration(run: Run, iteration: int) -> dict:
@@ -730,26 +807,43 @@ def grpo_iteration(run: Run, iteration: int) -> dict:
 ALGOS = {"opd": opd_iteration, "sft": sft_iteration, "grpo": grpo_iteration}
 
 
-def student_step(run: Run, batch, j: int):
-    """Student CFG forward at (x_j, sigma_j) with grad.  batch: .x [T+1,b,C,H,W], .cond
-    -> v_student [b, C, H, W], log pi_theta(x_{j+1} | x_j) [b]"""
-    cfg, sigmas = run.cfg, run.sigmas
-    x, x_next = batch.x[j], batch.x[j + 1]
-    ones = torch.ones(x.shape[0], device=x.device)
-    v_student = cfg_velocity(run.base.transformer, x, sigmas[j] * ones, batch.cond, cfg.guidance)
+def student_step(run: Run, batch: Rollouts, rows: Rows):
+    """Student CFG forward at the rows' (x_j, sigma_j) with grad, one sigma per row.
+    -> v_student [r, C, H, W], log pi_theta(x_{j+1} | x_j) [r]"""
+    cfg, sigmas, j = run.cfg, run.sigmas, rows.step
+    x, x_next = batch.x[j, rows.image], batch.x[j + 1, rows.image]
+    v_student = cfg_velocity(run.base.transformer, x, sigmas[j], batch.cond[rows.image], cfg.guidance)
     s, std = sde_scale(sigmas, cfg.noise_level)[j], transition_std(sigmas, cfg.noise_level)[j]
-    mean = sde_mean(x, v_student, sigmas[j] * ones, sigmas[j + 1] * ones, s * ones)
-    return v_student, gaussian_log_prob(x_next, mean, std * ones)              # log pi_theta(x_{j+1} | x_j)
+    mean = sde_mean(x, v_student, sigmas[j], sigmas[j + 1], s)
+    return v_student, gaussian_log_prob(x_next, mean, std)                     # log pi_theta(x_{j+1} | x_j)
 
 
-def step_loss(run: Run, batch: MicroBatch, j: int):
-    """The student's step (with grad); K_j to teacher and anchor; the configured loss.
-    -> loss [b], {"kl_teacher": [b], "kl_anchor": [b]}"""
-    v_student, log_prob = student_step(run, batch, j)
-    kl_teacher = step_kl(v_student, batch.v_teacher[j], run.kl_w[j])          # K_j(S, T_k(i))  [b]
-    kl_anchor = step_kl(v_student, batch.v_anchor[j], run.kl_w[j])            # K_j(S, A)       [b]
-    loss = run.loss_fn(kl_teacher, kl_anchor, log_prob, batch.log_prob_old[j])
-    return loss, {"kl_teacher": kl_teacher, "kl_anchor": kl_anchor}
+def ratio_terms(run: Run, batch: Rollouts, rows: Rows, log_prob):
+    """The old log-prob of each row's PPO ratio, and the ratio's metrics. At the first optimizer step
+    (rows.log_prob_old None) the forward's own detached log-prob: the ratio is exactly 1 there, and the rollout's
+    log-prob only measures the rounding noise this removes.
+    -> log_prob_old [r], {clip_fraction, first_step_noise_clip_fraction: [r]}, {maxima: [r]}"""
+    eps = run.cfg.clip_range
+    outside = lambda log_ratio: ((log_ratio.exp() - 1).abs() > eps).float()   # noqa: E731  ratio outside 1 +- eps
+    if rows.log_prob_old is None:
+        own = log_prob.detach()
+        noise = own - batch.log_prob[rows.step, rows.image]                    # log pi_train - log pi_rollout
+        logged = {"clip_fraction": outside(log_prob.detach() - own), "first_step_noise_clip_fraction": outside(noise)}
+        return own, logged, {"first_step_ratio_noise": noise.abs()}
+    log_ratio = log_prob.detach() - rows.log_prob_old
+    return rows.log_prob_old, {"clip_fraction": outside(log_ratio)}, {"log_ratio_max": log_ratio.abs()}
+
+
+def step_loss(run: Run, batch: Rollouts, rows: Rows):
+    """The student's step (with grad) at the rows; K_j to teacher and anchor; the configured loss.
+    -> loss [r], {"kl_teacher": [r], "kl_anchor": [r], kl_only: ratio metrics}, {maxima}"""
+    v_student, log_prob = student_step(run, batch, rows)
+    w = run.kl_w[rows.step]                                                    # w_j per row  [r]
+    kl_teacher = step_kl(v_student, rows.targets["teacher"], w)                # K_j(S, T_k(i))  [r]
+    kl_anchor = step_kl(v_student, rows.targets["anchor"], w)                  # K_j(S, A)       [r]
+    log_prob_old, logged, peaks = ratio_terms(run, batch, rows, log_prob) if run.ratio else (None, {}, {})
+    loss = run.loss_fn(kl_teacher, kl_anchor, log_prob, log_prob_old)
+    return loss, {"kl_teacher": kl_teacher, "kl_anchor": kl_anchor} | logged, peaks
 
 
 def optimizer_step(run: Run, loss_sum: torch.Tensor) -> float:
@@ -779,34 +873,48 @@ class Diverged(RuntimeError):
 
 
 class Stats:
-    """Per-sample metric sums, overall and per task, over one iteration; averaged over ranks at the end."""
+    """Per-row metric sums, overall and per task, over one iteration; averaged over ranks at the end. Each row
+    counts with its estimator weight (dense: 1/J each, so a metric is the mean over images and steps); `peak`
+    keeps maxima instead (max over ranks)."""
 
     def __init__(self, tasks: list[str], device):
         self.tasks, self.device, self.norms = tasks, device, []
-        self.sums: dict[str, torch.Tensor] = {}                                 # name -> [1 + tasks]: all, per task
-        self.counts = torch.zeros(1 + len(tasks), dtype=torch.float64, device=device)
+        self.sums: dict[str, torch.Tensor] = {}                                 # name -> [2, 1 + tasks]: weighted
+        self.peaks: dict[str, torch.Tensor] = {}                                # sums and weights; all, per task
 
-    def add(self, tasks, **values):
-        """values: name -> per-sample tensor [b] for samples of `tasks` [b]."""
+    def add(self, tasks, weight=None, **values):
+        """values: name -> per-row tensor [r] for rows of `tasks` [r], each weighing `weight` [r] (default 1)."""
         column = torch.tensor([1 + self.tasks.index(t) for t in tasks], device=self.device)
+        weight = torch.ones(len(tasks), device=self.device) if weight is None else weight
+        weight = weight.detach().double()
         for name, value in values.items():
-            sums = self.sums.setdefault(name, torch.zeros_like(self.counts))
-            sums[0] += value.detach().double().sum()
-            sums.index_add_(0, column, value.detach().double())
-        self.counts[0] += len(tasks)
-        self.counts.index_add_(0, column, torch.ones(len(tasks), dtype=torch.float64, device=self.device))
+            sums = self.sums.setdefault(name, torch.zeros(2, 1 + len(self.tasks), dtype=torch.float64,
+                                                          device=self.device))
+            for row, v in ((0, weight * value.detach().double()), (1, weight)):
+                sums[row, 0] += v.sum()
+                sums[row].index_add_(0, column, v)
+
+    def peak(self, **values):
+        """values: name -> tensor; the iteration's maximum is logged."""
+        for name, value in values.items():
+            top = value.detach().double().max().view(1)
+            self.peaks[name] = torch.maximum(self.peaks.get(name, top), top)
 
     def summary(self) -> dict:
-        names = list(self.sums)
-        table = torch.stack([self.counts, *(self.sums[n] for n in names)])
-        dist.all_reduce(table)
         finite = [n for n in self.norms if math.isfinite(n)]
-        counts = table[0].tolist()
         out = {"grad_norm": sum(finite) / len(finite) if finite else None, "skipped_steps": len(self.norms) - len(finite)}
-        for name, sums in zip(names, table[1:].tolist()):
-            out[name] = sums[0] / counts[0]
-            for i, task in enumerate(self.tasks):
-                out[f"{name}/{task}"] = sums[1 + i] / counts[1 + i] if counts[1 + i] else None   # None: task absent
+        names, peaks = list(self.sums), list(self.peaks)                       # the same on every rank
+        if names:
+            table = torch.stack([self.sums[n] for n in names])
+            dist.all_reduce(table)
+            for name, (sums, weights) in zip(names, table.tolist()):
+                out[name] = sums[0] / weights[0]
+                for i, task in enumerate(self.tasks):
+                    out[f"{name}/{task}"] = sums[1 + i] / weights[1 + i] if weights[1 + i] else None   # None: task absent
+        if peaks:
+            top = torch.cat([self.peaks[n] for n in peaks])
+            dist.all_reduce(top, op=dist.ReduceOp.MAX)
+            out |= dict(zip(peaks, top.tolist()))
         return out
 
 

@@ -15,9 +15,12 @@ from rewards import make_reward as make_single_reward
 from test_train import run_train
 from train import parse_config, setup
 
-# 10 SDE steps: at 4 the toy base draws nothing the OCR reward can read (every reward 0, every advantage 0)
+# 10 SDE steps: at 4 the toy base draws nothing the OCR reward can read (every reward 0, every advantage 0).
+# Rows per forward = images per rank (2): 1 and 2 processes then batch the same rows together, so the LoRAs agree to
+# rounding (with larger chunks the batch layout depends on the world size, and so does the last bit)
 GRPO = ["--algo", "grpo", "--reward", "toy_ocr", "--images_per_iteration", "4", "--group_size", "2",
-        "--micro_batch", "2", "--steps", "10", "--train_steps", "2", "--eval_every", "0"]
+        "--micro_batch", "2", "--target_batch", "2", "--train_batch", "2", "--steps", "10", "--train_steps", "2",
+        "--eval_every", "0"]
 
 
 # ----------------------------------------------------------------------------------------- advantages

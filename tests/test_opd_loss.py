@@ -1,7 +1,12 @@
-"""opd_loss.py: per-step KL weights and both objectives, against closed forms and torch.distributions."""
+"""opd_loss.py: per-step KL weights and both objectives, against closed forms and torch.distributions; the
+sampled-steps estimator (inclusion probabilities, systematic sampling) by exact enumeration of its draws."""
+import random
+
+import pytest
 import torch
 
-from opd_loss import gkd_loss, kl_only_loss, kl_weights, step_kl
+from opd_loss import (GRID, gkd_loss, inclusion_probabilities, kl_only_loss, kl_weights, step_kl, step_probabilities,
+                      systematic_designs, systematic_steps, uniform_on_grid)
 from sde_sampler import gaussian_log_prob, sde_mean, sde_scale, shifted_sigmas, transition_std
 
 SIGMAS = shifted_sigmas(10, 3.0)
@@ -100,3 +105,58 @@ def test_kl_only_clip_stops_the_ratio_gradient_below_the_range():
     assert torch.allclose(loss, (0.5 * torch.exp(torch.tensor(0.01)) + 0.5 * (1 - 1e-4)) / 2)
     big = kl_only_loss(torch.tensor([9.0]), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0.0)
     assert big.item() == 5.0                                                 # advantage clipped at -5
+
+
+# ----------------------------------------------------------------------------------------- sampled trained steps
+
+W = kl_weights(SIGMAS, 0.7, "reference")[:9]                                 # the 9 trained steps of SD3.5-M
+
+
+def test_step_probabilities_mix_the_kl_weights_with_a_uniform_floor():
+    p = step_probabilities(W, 0.1)
+    assert torch.allclose(p, 0.9 * W.double() / W.sum() + 0.1 / 9) and abs(p.sum().item() - 1) < 1e-12
+    assert torch.allclose(step_probabilities(W, 1.0), torch.full((9,), 1 / 9, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("k", range(1, 10))
+def test_inclusion_probabilities_sum_to_k_cap_at_one_and_follow_p(k):
+    p = step_probabilities(W, 0.1)
+    pi = inclusion_probabilities(p, k)
+    assert pi.sum().item() == k and (pi > 0).all() and (pi <= 1).all()
+    assert torch.equal(pi, torch.round(pi / GRID) * GRID)                      # on the grid: exact sums
+    free = pi < 1
+    if free.any():                                                             # pi_j = c p_j below the cap,
+        c = pi[free] / p[free]
+        assert (c.max() - c.min()) / c.mean() < 1e-9                           # one c for every free step
+        assert (pi[~free] == 1).all() and (c.mean() * p[~free] >= 1 - 1e-9).all()   # and the capped have c p_j >= 1
+    if k == 9:
+        assert torch.equal(pi, torch.ones(9, dtype=torch.float64))             # k = J: exactly 1 (the dense loss)
+
+
+@pytest.mark.parametrize("k, floor", [(1, 0.1), (2, 0.1), (3, 0.0), (5, 0.3), (2, 1.0), (9, 1.0)])
+def test_systematic_sampling_draws_k_distinct_steps_each_with_probability_pi(k, floor):
+    pi = inclusion_probabilities(step_probabilities(W, floor), k)
+    designs = systematic_designs(pi)                                           # every draw, with its probability
+    included = torch.zeros(9, dtype=torch.float64)
+    for probability, _, steps in designs:
+        assert len(set(steps)) == k == len(steps) and steps == sorted(steps) and 0 <= steps[0] and steps[-1] < 9
+        included[steps] += probability
+    assert abs(sum(p for p, _, _ in designs) - 1) < 1e-15 and torch.allclose(included, pi, atol=1e-15, rtol=0)
+    rng = random.Random(0)                                                     # the draws train.py makes agree
+    for u in [0.0, 1 - GRID] + [uniform_on_grid(rng) for _ in range(50)]:
+        assert any(systematic_steps(pi, u) == steps for _, _, steps in designs)
+
+
+@pytest.mark.parametrize("k, floor", [(1, 0.1), (2, 0.1), (3, 0.05), (2, 1.0)])
+def test_sampled_loss_and_gradient_are_unbiased_over_all_draws(k, floor):
+    """E over every draw of sum_{j in S} l_j / (J pi_j) equals (1/J) sum_j l_j, and so does its gradient."""
+    g = torch.Generator().manual_seed(k)
+    theta = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.randn(9, 5, dtype=torch.float64, generator=g)
+    l = W.double() * (theta - targets).pow(2).sum(1) + (theta * targets).sum(1).sin()   # l_j(theta)  [9]
+    dense = l.mean()
+    pi = inclusion_probabilities(step_probabilities(W, floor), k)
+    expected = sum(p * (l[steps] / (9 * pi[steps])).sum() for p, _, steps in systematic_designs(pi))
+    grad_dense, = torch.autograd.grad(dense, theta, retain_graph=True)
+    grad_expected, = torch.autograd.grad(expected, theta)
+    assert torch.allclose(expected, dense, rtol=1e-12) and torch.allclose(grad_expected, grad_dense, rtol=1e-10)

@@ -97,14 +97,16 @@ def test_mixed_batch_routing_equals_each_samples_own_teacher(sd3_transformer):
     adapters = route(tasks, {"ocr": "teacher_ocr", "geneval": "teacher_geneval"})
     cond, states = _condition(transformer, 5, seed=1), torch.randn(3, 5, 4, 8, 8)
     sigmas = torch.tensor([1.0, 0.7, 0.2])
-    velocity = target_velocities(transformer, adapters, states, sigmas, cond, 4.5, chunk=4)
-    assert velocity.shape == (3, 5, 4, 8, 8)
+    step = torch.tensor([0, 2, 1, 1, 0, 2, 2, 0, 1])                            # rows mixing states and images
+    image = torch.tensor([0, 1, 2, 3, 4, 0, 3, 2, 4])
+    velocity = target_velocities(transformer, [adapters[i] for i in image], states[step, image], sigmas[step], cond,
+                                 image, 4.5, chunk=2)
+    assert velocity.shape == (9, 4, 8, 8)
     with torch.no_grad():
-        for i, task in enumerate(tasks):
-            reference = _merged(sd3_transformer, loras[task])
-            for j in range(3):
-                own = cfg_velocity(reference, states[j, [i]], sigmas[[j]], cond[[i]], 4.5)
-                assert torch.allclose(velocity[j, i], own[0], atol=1e-5), (task, i, j)
+        for r, (j, i) in enumerate(zip(step.tolist(), image.tolist())):
+            reference = _merged(sd3_transformer, loras[tasks[i]])
+            own = cfg_velocity(reference, states[j, [i]], sigmas[[j]], cond[[i]], 4.5)
+            assert torch.allclose(velocity[r], own[0], atol=1e-5), (tasks[i], i, j)
 
 
 def test_parse_teachers_takes_task_from_stem_or_prefix(tmp_path):

@@ -1,13 +1,17 @@
-"""train.py end to end on a tiny SD3 folder: torchrun, checkpoints diffusers can load, 1 vs 2 processes, bad input."""
+"""train.py end to end on a tiny SD3 folder: torchrun, checkpoints diffusers can load, 1 vs 2 processes, bad input;
+the training rows in-process: sampled steps unbiased over every draw, only drawn states at the teachers, k = J is the
+dense path, first-step PPO ratios exactly 1."""
 import copy
 import json
 import os
 from pathlib import Path
+import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from conftest import ROOT, random_lora, train_error, write_peft
 from merge_lora import load_lora, save_lora
@@ -109,7 +113,8 @@ def test_only_student_lora_parameters_receive_gradients(sd3_folder, data, tmp_pa
 
 
 def test_two_processes_give_the_same_lora_as_one(sd3_folder, data, tmp_path):
-    args = ["--iterations", "2", "--updates", "1", "--lr", "1e-3"]
+    # with --sampled_steps on: each image draws its steps from its own seed (the dense path: test_grpo.py's twin)
+    args = ["--iterations", "2", "--updates", "1", "--lr", "1e-3", "--sampled_steps", "2"]
     run_train([*common(sd3_folder, data, tmp_path / "one"), *args], nproc=1)
     run_train([*common(sd3_folder, data, tmp_path / "two"), *args], nproc=2)
     one, two = load_lora(tmp_path / "one" / "lora.safetensors"), load_lora(tmp_path / "two" / "lora.safetensors")
@@ -222,3 +227,131 @@ def test_a_prompt_beyond_the_text_encoders_is_truncated_with_one_warning(sd3_fol
     prompts = data["prompts"].replace(str(data["folder"] / "pick.txt"), str(tmp_path / "long.txt"))
     result = run_train([*common(sd3_folder, data, tmp_path / "out"), "--prompts", prompts, "--iterations", "2"])
     assert result.stderr.count("are truncated") == 1 and "Token indices sequence length" not in result.stderr
+
+
+# ----------------------------------------------------------------------------------------- training rows, in-process
+
+@pytest.fixture
+def world_of_one():
+    """A gloo process group of one in this process (Stats and the optimizer step all-reduce)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _run(sd3_folder, data, out, *flags):
+    """A run on the tiny SD3 in this process: 4 images, T = 4, J = 3 trained steps."""
+    from train import setup
+    cfg = parse_config([*common(sd3_folder, data, out), "--images_per_iteration", "4", *map(str, flags)])
+    return setup(cfg, 0, 1, torch.device("cpu"))
+
+
+def _with_targets(run, batch, rows):
+    from train import route, velocities_at_rows
+    rows.targets["teacher"] = velocities_at_rows(run, route([batch.tasks[i] for i in rows.image.tolist()], run.routes), batch, rows)
+    rows.targets["anchor"] = velocities_at_rows(run, [run.anchor] * len(rows), batch, rows)
+    return rows
+
+
+@pytest.mark.parametrize("loss, k", [("gkd", 1), ("kl_only", 2)])
+def test_sampled_rows_give_the_dense_loss_and_gradient_over_every_draw(loss, k, sd3_folder, data, teacher_files, tmp_path):
+    """E over all draws of the weighted row loss (and its LoRA gradient) = the dense one. Every image draws with its
+    own u, but the expectation of a sum over images is the sum of per-image expectations, so one u for all images,
+    enumerated over opd_loss.systematic_designs, gives it exactly."""
+    from opd_loss import systematic_designs
+    from train import local_batch, rows_at, step_loss, student_rollout
+    run = _run(sd3_folder, data, tmp_path / "out", "--loss", loss, "--sampled_steps", k,
+               "--init_lora", teacher_files["geneval"])                          # a student away from B = 0
+    mine, seeds = local_batch(run, 1)
+    batch = student_rollout(run, mine, seeds)
+
+    def loss_and_gradient(inclusion, u):
+        rows = _with_targets(run, batch, rows_at(inclusion, [u] * len(seeds), run.device))
+        total = 0.0
+        for part in rows.split(3):                                           # micro-batches that mix steps
+            value = (part.weight * step_loss(run, batch, part)[0]).sum() / len(seeds)
+            value.backward()
+            total += value.item()
+        gradient = torch.cat([p.grad.flatten() for p in run.params if p.grad is not None]).double()
+        run.optimizer.zero_grad(set_to_none=True)
+        return total, gradient
+
+    dense_loss, dense_gradient = loss_and_gradient(torch.ones(3, dtype=torch.float64), 0.0)
+    designs = systematic_designs(run.inclusion)
+    assert len(designs) > 1 and 0 < run.inclusion.min() < 1                   # a real draw, not the dense set
+    draws = [(probability, *loss_and_gradient(run.inclusion, u)) for probability, u, _ in designs]
+    expected_loss = sum(p * value for p, value, _ in draws)
+    expected_gradient = sum(p * gradient for p, _, gradient in draws)
+    assert dense_loss > 0 and abs(expected_loss - dense_loss) < 1e-5 * dense_loss
+    assert (expected_gradient - dense_gradient).norm() < 1e-4 * dense_gradient.norm()
+    assert min((gradient - dense_gradient).norm() for _, _, gradient in draws) > 1e-3 * dense_gradient.norm()
+
+
+def test_only_the_drawn_states_reach_the_teachers_and_the_anchor(world_of_one, sd3_folder, data, teacher_files, tmp_path):
+    from train import draw_rows, local_batch, opd_iteration, student_rollout
+    run = _run(sd3_folder, data, tmp_path / "out", "--sampled_steps", 1, "--anchor", teacher_files["pick"])
+    transformer, calls = run.base.transformer, []
+    mine, seeds = local_batch(run, 1)
+    batch, rows = student_rollout(run, mine, seeds), draw_rows(run, seeds)     # what the iteration will draw
+    forward = transformer.forward
+
+    def counting(*args, **kwargs):
+        adapter = transformer.active_adapters()[0]
+        calls.append((adapter, torch.is_grad_enabled(), kwargs["hidden_states"].detach().clone(), kwargs["timestep"]))
+        return forward(*args, **kwargs)
+
+    transformer.forward = counting
+    opd_iteration(run, 1)
+    rows_of = lambda adapter, grad=False: [(x, t) for a, g, xs, ts in calls if a == adapter and g == grad   # noqa: E731
+                                           for x, t in zip(xs[len(xs) // 2:], ts[len(ts) // 2:])]   # cond half of CFG
+    assert len(rows) == 4 and len(rows_of("student")) == 4 * 4                # 4 images x 1 drawn step; rollout 4 x T
+    drawn = sorted((batch.x[j, i].sum().item(), 1000 * run.sigmas[j].item()) for i, j in zip(rows.image, rows.step))
+    for adapters in (["teacher_ocr", "teacher_geneval", "teacher_pick"], ["anchor"], ["student"]):
+        seen = sorted((x.sum().item(), t.item()) for a in adapters for x, t in rows_of(a, grad=a == "student"))
+        assert len(seen) == len(drawn) and all(abs(a - b) < 1e-4 and abs(s - t) < 1e-3 for (a, s), (b, t) in zip(seen, drawn))
+
+
+def test_drawing_every_step_is_the_dense_path_exactly(world_of_one, sd3_folder, data, tmp_path):
+    from opd_loss import inclusion_probabilities
+    from train import opd_iteration
+    assert torch.equal(inclusion_probabilities(torch.ones(3), 3), torch.ones(3, dtype=torch.float64))   # uniform p, k = J
+    results = []
+    for k in (0, 3):                                                          # --sampled_steps 3 = J vs dense
+        run = _run(sd3_folder, data, tmp_path / f"k{k}", "--sampled_steps", k, "--loss", "kl_only")
+        metrics = opd_iteration(run, 1)
+        results.append((run.inclusion, metrics, [p.detach().clone() for p in run.params]))
+    (pi0, m0, p0), (pi3, m3, p3) = results
+    assert torch.equal(pi0, torch.ones(3, dtype=torch.float64)) and torch.equal(pi0, pi3)
+    assert {k: v for k, v in m0.items() if not k.startswith("seconds")} == {k: v for k, v in m3.items() if not k.startswith("seconds")}
+    assert all(torch.equal(a, b) for a, b in zip(p0, p3)) and m0["loss"] > 0
+
+
+def test_first_step_ratios_are_exactly_one_and_later_steps_compare_like_with_like(world_of_one, sd3_folder, data,
+                                                                                    tmp_path, monkeypatch):
+    """Rounding noise of 1e-3 (10x the clip range) put on the rollout's log-probs: the first optimizer step's ratios
+    are still exactly 1, and (lr 0: the policy does not move) so are the second step's, whose old log-probs the
+    training forward recomputed. The noise is logged, and so is the fraction of rows it would have clipped."""
+    import train
+    run = _run(sd3_folder, data, tmp_path / "out", "--loss", "kl_only", "--updates", 2, "--lr", 1e-30)
+    rollout = train.student_rollout
+
+    def noisy(run, mine, seeds):
+        batch = rollout(run, mine, seeds)
+        batch.log_prob += 1e-3 * (-1.0) ** torch.arange(batch.log_prob.numel()).view_as(batch.log_prob)   # +-1e-3
+        return batch
+
+    monkeypatch.setattr(train, "student_rollout", noisy)
+    metrics = train.opd_iteration(run, 1)
+    assert metrics["clip_fraction"] == 0 and metrics["log_ratio_max"] == 0
+    assert abs(metrics["first_step_ratio_noise"] - 1e-3) < 1e-5 and metrics["first_step_noise_clip_fraction"] == 1
+
+    mine, seeds = train.local_batch(run, 1)                                   # the ratio itself, in float32
+    batch = noisy(run, mine, seeds)
+    rows = train.draw_rows(run, seeds)
+    _, log_prob = train.student_step(run, batch, rows)
+    log_prob_old, logged, _ = train.ratio_terms(run, batch, rows, log_prob)
+    assert log_prob.dtype == torch.float32 and torch.equal(torch.exp(log_prob - log_prob_old), torch.ones(len(rows)))
+    assert logged["clip_fraction"].sum() == 0 and logged["first_step_noise_clip_fraction"].min() == 1
