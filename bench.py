@@ -169,7 +169,10 @@ def bench_config(name: str, model_config: dict, latent: int, inputs: dict, devic
 
 
 def with_run(cfg: Config, name: str, model_config: dict, latent: int, device, measure) -> dict:
-    """measure(run) for a run set up on a fresh random base; running out of memory gives an error row instead."""
+    """measure(run) for a run set up on a fresh random base; running out of memory gives an error row instead.
+    Dynamo's caches are reset first: each config compiles its own blocks (the earlier configs' graphs would
+    otherwise fill torch._dynamo's cache_size_limit and leave this config running eagerly)."""
+    torch._dynamo.reset()
     base = random_base(model_config, device, torch.bfloat16 if device.type == "cuda" else torch.float32, latent)
     try:
         return measure(setup(cfg, 0, 1, device, base=base))

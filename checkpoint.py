@@ -143,6 +143,7 @@ def write(run, record: dict, exports: bool = True) -> Path:
     says which) and prune to --keep."""
     folder = Path(run.cfg.out) / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder, Path(run.cfg.out))
     path = folder / f"ckpt_{record['iteration']:06d}.pt"
     write_atomic(path, lambda f: torch.save(record, f))
     if exports:
@@ -155,6 +156,15 @@ def write(run, record: dict, exports: bool = True) -> Path:
         save_lora(lora, Path(run.cfg.out) / "lora.safetensors", note)
         prune(folder, run.cfg.keep)
     return path
+
+
+def remove_stale_temporaries(*folders: Path) -> None:
+    """Delete the temporary files (write_atomic, merge_lora.save_lora: `.<name>.tmp<pid>`) that a killed writer left;
+    only rank 0 of one run writes here, so another process's temporary is never in use."""
+    for folder in folders:
+        for stale in folder.glob(".*.tmp*"):
+            if not stale.name.endswith(f".tmp{os.getpid()}"):
+                stale.unlink(missing_ok=True)
 
 
 def prune(folder: Path, keep: int) -> None:

@@ -26,7 +26,7 @@ arm() {   # arm NAME FLAGS...: every seed side by side; its wall seconds in $OUT
     local start=$SECONDS pids=()
     for seed in $SEEDS; do
         python train.py --teachers toy/ocr.safetensors,toy/geneval.safetensors --iterations "$ITERS" --seed "$seed" \
-            --overwrite $TINY "$@" --out "$OUT/$name/seed$seed" >"$OUT/$name.seed$seed.log" 2>&1 & pids+=($!)
+            --eval_every 0 --overwrite $TINY "$@" --out "$OUT/$name/seed$seed" >"$OUT/$name.seed$seed.log" 2>&1 & pids+=($!)
     done
     for pid in "${pids[@]}"; do wait "$pid" || { echo "a $name run failed: see $OUT/$name.seed*.log" >&2; exit 1; }; done
     echo $((SECONDS - start)) >"$OUT/$name.seconds"
