@@ -14,10 +14,11 @@
 #   STAGE=wallclock  each k-step row goes on (--resume, a copy) to the iterations that cost the dense row's time,
 #                    at the seconds per iteration both measured side by side in the students stage
 #   STAGE=eval       evaluate.py, one process per seed (+ one for base and teachers) side by side; the table
-#   STAGE=all        (default) all four in order
+#   STAGE=all        (default) all four in order; or a list, e.g. STAGE="wallclock eval"
 # Hyper-parameters were chosen by runs/toy_grpo_sweep.sh on train prompts, never on the held-out ones.
 # Usage: STAGE=teachers LIMIT=570 bash runs/toy_paper_table.sh
-#        knobs: OUT STAGE LIMIT SEEDS TEACHER_ITERS STUDENT_ITERS SFT_ITERS SAMPLED_STEPS EVAL_IMAGES SMOKE EVAL_FLAGS
+#        knobs: OUT STAGE LIMIT SEEDS TEACHER_ITERS QUALITY_LR STUDENT_ITERS SFT_ITERS SAMPLED_STEPS EVAL_IMAGES
+#               SMOKE EVAL_FLAGS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/toy_table}
@@ -25,6 +26,7 @@ STAGE=${STAGE:-all}
 LIMIT=${LIMIT:-0}                # seconds after which a stage's runs still going get SIGTERM; 0 = none
 SEEDS=${SEEDS:-0 1 2}            # student seeds: every student row is trained once per seed
 TEACHER_ITERS=${TEACHER_ITERS:-600}
+QUALITY_LR=${QUALITY_LR:-3e-4}
 STUDENT_ITERS=${STUDENT_ITERS:-100}
 SFT_ITERS=${SFT_ITERS:-10}
 SAMPLED_STEPS=${SAMPLED_STEPS:-1 2}   # k of the --sampled_steps rows; "" = no such rows
@@ -33,7 +35,8 @@ SMOKE=${SMOKE:-}                 # extra train.py flags for every run, e.g. a ti
 EVAL_FLAGS=${EVAL_FLAGS:-}       # extra evaluate.py flags, e.g. --max_prompts 4 --steps 4
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # many processes share the CPU: one thread each for the rewards
 BATCH="--images_per_iteration 128 --micro_batch 64"
-# chosen by runs/toy_grpo_sweep.sh on train prompts: clip 1e-4, beta 0.04; lr 1e-3 (quality, the MAR anchor: 3e-4)
+# chosen by runs/toy_grpo_sweep.sh on train prompts: clip 1e-4, beta 0.04; lr 1e-3 (quality, the MAR anchor:
+# QUALITY_LR, 3e-4 in round 2 for the old quality reward; round 3 picks it for the new one)
 GRPO="--algo grpo $BATCH --group_size 16 --lr 1e-3 --clip_range 1e-4 --beta 0.04"
 T=$OUT/teacher
 teachers="geneval=$T/geneval/lora.safetensors,ocr=$T/ocr/lora.safetensors"
@@ -47,14 +50,14 @@ left() { if (( LIMIT == 0 )); then echo 0; else echo $(( LIMIT - SECONDS > 1 ? L
 train() { name=$1; shift; timeout --preserve-status -s TERM "$(left)" python train.py "$@" $SMOKE --out "$OUT/$name" \
             >"$OUT/$name.log" 2>&1 & pids+=($!); }
 wait_all() { for pid in "${pids[@]}"; do wait "$pid" || { echo "a run failed: see $OUT/*.log" >&2; exit 1; }; done; pids=(); }
-stage() { [[ $STAGE == all || $STAGE == "$1" ]] && SECONDS=0; }
+stage() { [[ " $STAGE " == *" all "* || " $STAGE " == *" $1 "* ]] && SECONDS=0; }   # STAGE: one or more, in order
 
 if stage teachers; then
     # stage 1: one teacher per task, single-reward Flow-GRPO from the base
     for task in geneval ocr; do
         train teacher/$task --overwrite $GRPO --reward toy_$task --iterations "$TEACHER_ITERS"
     done
-    train teacher/quality --overwrite $GRPO --reward toy_quality --lr 3e-4 --iterations "$TEACHER_ITERS"
+    train teacher/quality --overwrite $GRPO --reward toy_quality --lr "$QUALITY_LR" --iterations "$TEACHER_ITERS"
     wait_all
     echo "stage teachers: ${SECONDS} s"
 fi
@@ -87,10 +90,12 @@ if stage wallclock; then
     for k in $SAMPLED_STEPS; do
         for s in $SEEDS; do
             dense=$OUT/opd_merge_mar_s$s sampled=$OUT/opd_merge_mar_k${k}_s$s timed=opd_merge_mar_k${k}_time_s$s
-            # iterations of the k-step row that cost the dense row's seconds: sum(dense) / mean(sampled)
-            iterations=$(python -c 'import json, sys
-seconds = [[json.loads(line)["seconds"] for line in open(f"{run}/metrics.jsonl")] for run in sys.argv[1:]]
-print(max(len(seconds[1]), int(sum(seconds[0]) / (sum(seconds[1]) / len(seconds[1])))))' "$dense" "$sampled")
+            iterations=$(python - "$dense" "$sampled" <<'EOF'
+import json, sys
+dense, sampled = ([json.loads(line)["seconds"] for line in open(f"{run}/metrics.jsonl")] for run in sys.argv[1:])
+print(max(len(sampled), int(sum(dense) / (sum(sampled) / len(sampled)))))  # dense row's seconds / k row's s per it
+EOF
+)
             echo "$timed: $iterations iterations (the dense row's wall-clock)"
             rm -rf "${OUT:?}/$timed" && cp -r "$sampled" "$OUT/$timed"
             train "$timed" --resume --seed "$s" $OPD --sampled_steps "$k" --iterations "$iterations"
