@@ -120,7 +120,7 @@ def main() -> None:
         save_lora(merge([load_lora(p) for p in TEACHERS.split(",")], method="ab-mean")[0], merged)
         for student, init in (("merge", ["--init_lora", str(merged)]), ("fresh", [])):
             cfg = parse_config(["--teachers", TEACHERS, *init, *small, "--out", f"{tmp}/{student}",
-                                "--images_per_iteration", str(max(images, 16)), "--optimizer_steps", "1"])
+                                "--images_per_iteration", str(max(images, 16)), "--updates", "1"])
             run = setup(cfg, 0, 1, device)
             loss, grads = row_terms(run, images)
             ks = [k for k in map(int, args.ks.split(",")) if k <= cfg.train_steps]

@@ -13,9 +13,9 @@ gradient-accumulation group of micro-batches, just before that group's last call
   - at such a t the update runs once per micro-batch call that sees t: the last micro-batch of step t and the
     first G - 1 of step t + 1, whose weights are still theta_t (the optimizer only steps at the sync). G pulls
     toward the same theta_t with the same decay are one pull with decay_t^G. G = micro-batches per optimizer
-    step on each rank = images per rank per iteration / (--optimizer_steps x --micro_batch): 1 in
+    step on each rank = images per rank per iteration / (--updates x --micro_batch): 1 in
     runs/sd35m_opd.sh (32 images per rank, 2 steps, micro-batch 16), 8 in Flow-GRPO's GenEval config on 8 GPUs.
-We apply the G pulls at once, right after optimizer step t. With an even --optimizer_steps (the recipe's 2) a
+We apply the G pulls at once, right after optimizer step t. With an even --updates (the recipe's 2) a
 step t = 7 mod 8 is never the last of an iteration, so Flow-GRPO's trailing G - 1 calls land inside the same
 iteration and the EMA is the same as theirs wherever it is read (evaluation, checkpoints).
 The EMA starts as a copy of the student's starting weights (the merged init, or the fresh LoRA), in fp32.

@@ -10,10 +10,13 @@ Demo:  python toyworld.py prompts data/toy     (writes {task}_{train,test}.{txt,
        python toyworld.py rewards              (mean reward on ground truth / noise / blank per task)
        python toyworld.py build                (regenerate the base and prompt files into toy/)
        python toyworld.py teachers out/toy_table/teacher   (ship the Flow-GRPO teachers of runs/toy_paper_table.sh)
+       python toyworld.py table out/toy_table    (that script's table: mean +- standard error over seeds)
 """
 import argparse
 import json
+import math
 from pathlib import Path
+import re
 
 import numpy as np
 import torch
@@ -137,6 +140,47 @@ def write_record(folder: Path, record: dict) -> dict:
 
 
 # ====================================================================================================
+# The paper table of runs/toy_paper_table.sh: mean +- standard error over seeds
+# ====================================================================================================
+
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    """-> (mean, standard error of the mean: std(ddof=1) / sqrt(n); None for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)  # unbiased sample variance
+    return mean, math.sqrt(variance / len(values))
+
+
+def paper_table(out: Path) -> str:
+    """Markdown table of every out/eval/*/results.json (one per evaluate.py process, in name order: base, s0, s1,
+    ...): rows <model>_s<seed> grouped by model, mean +- SE over the seeds' held-out means (no +- for a model
+    trained once: the base and the teachers); the iterations column counts out/<run>/metrics.jsonl lines (fewer:
+    stopped by the stage's LIMIT)."""
+    out = Path(out)
+    parts = sorted(out.glob("eval/*/results.json"))
+    if not parts:
+        raise FileNotFoundError(f"no {out}/eval/*/results.json: run STAGE=eval bash runs/toy_paper_table.sh first")
+    table, average = {}, {}
+    for part in parts:
+        record = json.loads(part.read_text())
+        table, average = table | record["table"], average | record["average"]
+    models: dict[str, list[str]] = {}
+    for row in table:
+        models.setdefault(re.sub(r"_s\d+$", "", row), []).append(row)
+    tasks = list(next(iter(table.values())))
+    lines = [f"| model | seeds | iterations | {' | '.join(tasks)} | average |", "|---" * (len(tasks) + 4) + "|"]
+    for model, rows in models.items():
+        runs = [out / row.replace("teacher_", "teacher/") / "metrics.jsonl" for row in rows]
+        its = sorted({sum(1 for _ in run.open()) for run in runs if run.is_file()})
+        its_text = "-" if not its else str(its[0]) if len(its) == 1 else f"{its[0]}-{its[-1]}"
+        cells = [mean_se([table[row][task] for row in rows]) for task in tasks] + [mean_se([average[r] for r in rows])]
+        text = [f"{m:.3f}" + (f" ± {se:.3f}" if se is not None else "") for m, se in cells]
+        lines.append(f"| {model} | {len(rows)} | {its_text} | {' | '.join(text)} |")
+    return "\n".join(lines)
+
+
+# ====================================================================================================
 # Command line
 # ====================================================================================================
 
@@ -169,6 +213,8 @@ def main() -> None:
     teachers_cli = commands.add_parser("teachers", help="ship the Flow-GRPO teachers of runs/toy_paper_table.sh")
     teachers_cli.add_argument("runs", help="the teacher folder of that run, e.g. out/toy_table/teacher")
     teachers_cli.add_argument("--out", default=str(TOY_DIR))
+    table_cli = commands.add_parser("table", help="the paper table of runs/toy_paper_table.sh, mean +- SE over seeds")
+    table_cli.add_argument("out", help="that run's OUT, e.g. out/toy_table (writes OUT/table.md)")
     args = parser.parse_args()
     if args.command == "build":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -176,6 +222,10 @@ def main() -> None:
               args.check_every)
     if args.command == "teachers":
         adopt_teachers(Path(args.out), Path(args.runs))
+    if args.command == "table":
+        text = paper_table(Path(args.out))
+        print(text)
+        (Path(args.out) / "table.md").write_text(text + "\n")
     if args.command == "prompts":
         for path in write_prompt_files(args.folder):
             print(path, sum(1 for _ in path.open()))

@@ -1,65 +1,122 @@
 #!/usr/bin/env bash
-# The paper's table in the toy world (issue 7), from the shipped base: stage-1 Flow-GRPO teachers, the
-# GRPO-Mix baseline, Flow-OPD (merge init + MAR against the quality teacher; without MAR; from a fresh LoRA;
-# from an SFT init), all evaluated on the held-out prompts in one table (+ grid) in $OUT/eval.
-# Independent runs go side by side on the one GPU (the toy model is launch-bound). Two stages, each under
-# 10 minutes on one H100: STAGE=teachers (3 teachers + GRPO-Mix), STAGE=students (merge, OPD rows, eval);
-# STAGE=all (default) runs both. GRPO-Mix and every Flow-OPD row train on the same number of student images
-# (STUDENT_ITERS x 128); the SFT row's cold start adds SFT_ITERS x 128 teacher samples before it.
-# Usage: bash runs/toy_paper_table.sh      knobs: OUT STAGE LIMIT TEACHER_ITERS STUDENT_ITERS SFT_ITERS SMOKE EVAL_FLAGS
+# The paper's table in the toy world (issues 7 and 18), from the shipped base, with error bars: stage-1 Flow-GRPO
+# teachers; then, for each of SEEDS, GRPO-Mix and Flow-OPD (merge init + MAR against the quality teacher; without
+# MAR; from a fresh LoRA; from an SFT init) and Flow-OPD (merge + MAR) with k sampled trained steps (--sampled_steps,
+# k in SAMPLED_STEPS) at the same number of student images as the dense row and at its wall-clock; all evaluated on
+# the held-out prompts with EVAL_IMAGES images per prompt; `python toyworld.py table $OUT` prints mean +- standard
+# error over seeds ($OUT/table.md). Independent runs go side by side on the one GPU (the toy model is launch-bound).
+# Stages, one call each, each stopped at LIMIT seconds (runs still going get SIGTERM: they checkpoint, export their
+# LoRA and exit 0, and the table's iterations column shows it):
+#   STAGE=teachers   the 3 teachers, TEACHER_ITERS iterations each (or until LIMIT)
+#   STAGE=students   merge init; per seed: GRPO-Mix, the 4 Flow-OPD rows, SFT init, the k-step rows; STUDENT_ITERS
+#                    iterations each (x 128 student images; the SFT row's cold start adds SFT_ITERS x 128 teacher
+#                    samples before it)
+#   STAGE=wallclock  each k-step row goes on (--resume, a copy) to the iterations that cost the dense row's time,
+#                    at the seconds per iteration both measured side by side in the students stage
+#   STAGE=eval       evaluate.py, one process per seed (+ one for base and teachers) side by side; the table
+#   STAGE=all        (default) all four in order; or a list, e.g. STAGE="wallclock eval"
+# Hyper-parameters were chosen by runs/toy_grpo_sweep.sh on train prompts, never on the held-out ones.
+# Usage: STAGE=teachers LIMIT=570 bash runs/toy_paper_table.sh
+#        knobs: OUT STAGE LIMIT SEEDS TEACHER_ITERS QUALITY_LR STUDENT_ITERS SFT_ITERS SAMPLED_STEPS EVAL_IMAGES
+#               SMOKE EVAL_FLAGS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/toy_table}
 STAGE=${STAGE:-all}
-TEACHER_ITERS=${TEACHER_ITERS:-300}
-STUDENT_ITERS=${STUDENT_ITERS:-150}
+LIMIT=${LIMIT:-0}                # seconds after which a stage's runs still going get SIGTERM; 0 = none
+SEEDS=${SEEDS:-0 1 2}            # student seeds: every student row is trained once per seed
+TEACHER_ITERS=${TEACHER_ITERS:-600}
+QUALITY_LR=${QUALITY_LR:-3e-4}
+STUDENT_ITERS=${STUDENT_ITERS:-100}
 SFT_ITERS=${SFT_ITERS:-10}
-LIMIT=${LIMIT:-0}                # seconds after which a run gets SIGTERM (it checkpoints, exports its LoRA, exits 0); 0 = none
+SAMPLED_STEPS=${SAMPLED_STEPS:-1 2}   # k of the --sampled_steps rows; "" = no such rows
+EVAL_IMAGES=${EVAL_IMAGES:-4}    # images per held-out prompt
 SMOKE=${SMOKE:-}                 # extra train.py flags for every run, e.g. a tiny batch for a CPU smoke test
 EVAL_FLAGS=${EVAL_FLAGS:-}       # extra evaluate.py flags, e.g. --max_prompts 4 --steps 4
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # many processes share the CPU: one thread each for the rewards
 BATCH="--images_per_iteration 128 --micro_batch 64 --eval_every 0"    # evaluate.py scores every row at the end
-# chosen by runs/toy_grpo_sweep.sh on train prompts: clip 1e-4, beta 0.04; lr 1e-3 (quality, the MAR anchor: 3e-4)
+# chosen by runs/toy_grpo_sweep.sh on train prompts: clip 1e-4, beta 0.04; lr 1e-3 (quality, the MAR anchor:
+# QUALITY_LR, 3e-4 in round 2 for the old quality reward; round 3 picks it for the new one)
 GRPO="--algo grpo $BATCH --group_size 16 --lr 1e-3 --clip_range 1e-4 --beta 0.04"
 T=$OUT/teacher
+teachers="geneval=$T/geneval/lora.safetensors,ocr=$T/ocr/lora.safetensors"
+anchor="$T/quality/lora.safetensors"
+OPD="--teachers $teachers $BATCH --init_lora $OUT/merge_init.safetensors --anchor $anchor"   # Flow-OPD, merge + MAR
 mkdir -p "$OUT" "$T"
-# one training run in the background, its output in $OUT/<name>.log; `wait_all` fails if any run failed
-train() { name=$1; shift; timeout --preserve-status -s TERM "$LIMIT" python train.py --overwrite "$@" $SMOKE --out "$OUT/$name" >"$OUT/$name.log" 2>&1 & pids+=($!); }
-wait_all() { for pid in "${pids[@]}"; do wait "$pid" || { echo "a run failed: see $OUT/*.log" >&2; exit 1; }; done; pids=(); }
 pids=()
-SECONDS=0
+# seconds a run may still take: what is left of this stage's LIMIT (0: no limit)
+left() { if (( LIMIT == 0 )); then echo 0; else echo $(( LIMIT - SECONDS > 1 ? LIMIT - SECONDS : 1 )); fi; }
+# one training run in the background, its output in $OUT/<name>.log; `wait_all` fails if any run failed
+train() { name=$1; shift; timeout --preserve-status -s TERM "$(left)" python train.py "$@" $SMOKE --out "$OUT/$name" \
+            >"$OUT/$name.log" 2>&1 & pids+=($!); }
+wait_all() { for pid in "${pids[@]}"; do wait "$pid" || { echo "a run failed: see $OUT/*.log" >&2; exit 1; }; done; pids=(); }
+stage() { [[ " $STAGE " == *" all "* || " $STAGE " == *" $1 "* ]] && SECONDS=0; }   # STAGE: one or more, in order
 
-if [[ $STAGE == all || $STAGE == teachers ]]; then
+if stage teachers; then
     # stage 1: one teacher per task, single-reward Flow-GRPO from the base
     for task in geneval ocr; do
-        train teacher/$task $GRPO --reward toy_$task --iterations "$TEACHER_ITERS"
+        train teacher/$task --overwrite $GRPO --reward toy_$task --iterations "$TEACHER_ITERS"
     done
-    train teacher/quality $GRPO --reward toy_quality --lr 3e-4 --iterations "$TEACHER_ITERS"
-    # baseline: GRPO-Mix, each prompt scored by its own task's reward, plus quality at 0.2 (the paper's DeQA)
-    train grpo_mix $GRPO --task_rewards geneval=toy_geneval,ocr=toy_ocr --reward toy_quality=0.2 \
-        --iterations "$STUDENT_ITERS"
+    train teacher/quality --overwrite $GRPO --reward toy_quality --lr "$QUALITY_LR" --iterations "$TEACHER_ITERS"
     wait_all
     echo "stage teachers: ${SECONDS} s"
 fi
 
-if [[ $STAGE == all || $STAGE == students ]]; then
-    teachers="geneval=$T/geneval/lora.safetensors,ocr=$T/ocr/lora.safetensors"
-    anchor="$T/quality/lora.safetensors"
+if stage students; then
     python merge_lora.py "$T/geneval/lora.safetensors" "$T/ocr/lora.safetensors" --method ab-mean \
         --out "$OUT/merge_init.safetensors"
-    opd="--teachers $teachers $BATCH --iterations $STUDENT_ITERS"
-    train opd_merge_mar $opd --init_lora "$OUT/merge_init.safetensors" --anchor "$anchor"
-    train opd_merge_no_mar $opd --init_lora "$OUT/merge_init.safetensors" --beta 0
-    train opd_fresh_mar $opd --anchor "$anchor"
-    (python train.py --overwrite --algo sft --teachers "$teachers" $BATCH --iterations "$SFT_ITERS" $SMOKE \
-         --out "$OUT/sft_init" >"$OUT/sft_init.log" 2>&1 &&
-     python train.py --overwrite $opd --init_lora "$OUT/sft_init/lora.safetensors" --anchor "$anchor" $SMOKE \
-         --out "$OUT/opd_sft_mar" >"$OUT/opd_sft_mar.log" 2>&1) & pids+=($!)
+    for s in $SEEDS; do
+        # baseline: GRPO-Mix, each prompt scored by its own task's reward, plus quality at 0.2 (the paper's DeQA)
+        train grpo_mix_s$s --overwrite --seed "$s" $GRPO --task_rewards geneval=toy_geneval,ocr=toy_ocr \
+            --reward toy_quality=0.2 --iterations "$STUDENT_ITERS"
+        train opd_merge_mar_s$s --overwrite --seed "$s" $OPD --iterations "$STUDENT_ITERS"
+        train opd_merge_no_mar_s$s --overwrite --seed "$s" $OPD --beta 0 --iterations "$STUDENT_ITERS"
+        train opd_fresh_mar_s$s --overwrite --seed "$s" --teachers "$teachers" $BATCH --anchor "$anchor" \
+            --iterations "$STUDENT_ITERS"
+        for k in $SAMPLED_STEPS; do
+            train opd_merge_mar_k${k}_s$s --overwrite --seed "$s" $OPD --sampled_steps "$k" --iterations "$STUDENT_ITERS"
+        done
+        (python train.py --overwrite --seed "$s" --algo sft --teachers "$teachers" $BATCH --iterations "$SFT_ITERS" \
+             $SMOKE --out "$OUT/sft_init_s$s" >"$OUT/sft_init_s$s.log" 2>&1 &&
+         timeout --preserve-status -s TERM "$(left)" python train.py --overwrite --seed "$s" --teachers "$teachers" \
+             $BATCH --init_lora "$OUT/sft_init_s$s/lora.safetensors" --anchor "$anchor" --iterations "$STUDENT_ITERS" \
+             $SMOKE --out "$OUT/opd_sft_mar_s$s" >"$OUT/opd_sft_mar_s$s.log" 2>&1) & pids+=($!)
+    done
     wait_all
-    echo "stage students (training): ${SECONDS} s"
+    echo "stage students: ${SECONDS} s"
+fi
 
-    rows="teacher_geneval=$T/geneval/lora.safetensors,teacher_ocr=$T/ocr/lora.safetensors"
-    rows="$rows,teacher_quality=$anchor,grpo_mix=$OUT/grpo_mix/lora.safetensors"
-    for run in opd_merge_mar opd_merge_no_mar opd_fresh_mar opd_sft_mar; do rows="$rows,$run=$OUT/$run/lora.safetensors"; done
-    python evaluate.py --lora "$rows" --out "$OUT/eval" $EVAL_FLAGS
-    echo "stage students (with eval): ${SECONDS} s"
+if stage wallclock; then
+    for k in $SAMPLED_STEPS; do
+        for s in $SEEDS; do
+            dense=$OUT/opd_merge_mar_s$s sampled=$OUT/opd_merge_mar_k${k}_s$s timed=opd_merge_mar_k${k}_time_s$s
+            iterations=$(python - "$dense" "$sampled" <<'EOF'
+import json, sys
+dense, sampled = ([json.loads(line)["seconds"] for line in open(f"{run}/metrics.jsonl")] for run in sys.argv[1:])
+print(max(len(sampled), int(sum(dense) / (sum(sampled) / len(sampled)))))  # dense row's seconds / k row's s per it
+EOF
+)
+            echo "$timed: $iterations iterations (the dense row's wall-clock)"
+            rm -rf "${OUT:?}/$timed" && cp -r "$sampled" "$OUT/$timed"
+            train "$timed" --resume --seed "$s" $OPD --sampled_steps "$k" --iterations "$iterations"
+        done
+    done
+    wait_all
+    echo "stage wallclock: ${SECONDS} s"
+fi
+
+if stage eval; then
+    rows="teacher_geneval=$T/geneval/lora.safetensors,teacher_ocr=$T/ocr/lora.safetensors,teacher_quality=$anchor"
+    python evaluate.py --lora "$rows" --images_per_prompt "$EVAL_IMAGES" \
+        --batch 512 --out "$OUT/eval/base" $EVAL_FLAGS >"$OUT/eval_base.log" 2>&1 & pids+=($!)
+    for s in $SEEDS; do
+        runs="grpo_mix opd_merge_mar opd_merge_no_mar opd_fresh_mar opd_sft_mar"
+        for k in $SAMPLED_STEPS; do runs="$runs opd_merge_mar_k$k opd_merge_mar_k${k}_time"; done
+        rows=$(for run in $runs; do printf '%s=%s,' "${run}_s$s" "$OUT/${run}_s$s/lora.safetensors"; done)
+        python evaluate.py --skip_base --lora "${rows%,}" --images_per_prompt "$EVAL_IMAGES" --batch 512 \
+            --out "$OUT/eval/s$s" $EVAL_FLAGS >"$OUT/eval_s$s.log" 2>&1 & pids+=($!)
+    done
+    wait_all
+    echo "stage eval: ${SECONDS} s"
+    python toyworld.py table "$OUT"
 fi

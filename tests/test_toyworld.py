@@ -1,6 +1,7 @@
 """Toy-world tasks: renderer and rewards agree, partial credit is exact, splits are fixed and disjoint."""
 import itertools
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -70,17 +71,55 @@ def test_ocr_partial_credit(prompt, drawn, expected):
     assert rewards.tolist() == pytest.approx([expected] * 8)
 
 
-def test_quality_counts_specks_and_mid_tones():
-    image = tw.render("geneval", "a photo of a red square", seed=0)  # [3,S,S]
-    spots = [(y, x) for y, x in itertools.product(range(1, S - 1, 4), repeat=2)
-             if (image[:, y - 1:y + 2, x - 1:x + 2] == 1).all()]  # white 3x3 neighbourhoods, 4 px apart
-    specks, greys = spots[:5], spots[5:12]
-    for y, x in specks:
-        image[:, y, x] = torch.tensor(tw.COLORS["cyan"])  # a pure colour, but isolated
-    for y, x in greys:
-        image[:, y, x] = 0.5
-    bad = (len(specks) + len(greys)) / S**2
-    assert tw.score("quality", image[None], ["ignored"]).item() == pytest.approx(1 - bad / tw.MAX_BAD_FRACTION)
+def test_quality_counts_specks_closed_form():
+    """A lone pixel of another class costs 4 defects: itself (no neighbour of its class) and the background
+    pixels left of, right of and below it (one differing side neighbour: only a triangle's apex draws that,
+    and only from above). Far apart, specks add up: score = exp(-4 n / DEFECT_SCALE)."""
+    image = torch.ones(3, S, S)
+    image[:, 10:18, 10:18] = torch.tensor(tw.COLORS["blue"])[:, None, None]  # a clean 8 px square
+    assert tw.score("quality", image[None], ["ignored"]).item() == 1.0
+    specks = [(2, 2, tw.COLORS["red"]), (2, 28, (0.5, 0.5, 0.5)), (28, 2, tw.BLACK), (28, 28, tw.COLORS["blue"])]
+    for n, (y, x, color) in enumerate(specks, 1):  # grey: off the palette, and still a lone class of its own
+        image[:, y, x] = torch.tensor(color)
+        defects, content = tw.quality_defects(image[None])
+        assert (defects.item(), content.item()) == (4 * n, 64)  # a speck is no content
+        assert tw.score("quality", image[None], ["ignored"]).item() == pytest.approx(math.exp(-4 * n / tw.DEFECT_SCALE))
+
+
+def degrade(images: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """Clean renders [B,3,S,S] -> blurred, speckled (3 red pixels on the background), off-palette (every
+    non-white pixel moved 0.43 off its colour) or jagged (3 pixels toggled along object edges)."""
+    background = (images == 1).all(1)  # [B,S,S]
+    if kind == "blur":
+        return torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
+    if kind == "off-palette":
+        return torch.where(background[:, None], images, 0.5 * images + 0.25)
+    out = images.clone()
+    for image, white, source in zip(out, background, images):
+        near_ink, near_white = (torch.nn.functional.max_pool2d(m.float()[None], 3, 1, padding=1)[0].bool()
+                                for m in (~white, white))  # [S,S]: the pixel or one of its 8 neighbours is ...
+        edge = near_ink & near_white
+        candidates = torch.nonzero(white if kind == "speckle" else edge)
+        for y, x in candidates[torch.randperm(len(candidates), generator=generator)[:3]].tolist():
+            if kind == "speckle":
+                image[:, y, x] = torch.tensor(tw.COLORS["red"])
+            elif white[y, x]:                                      # grow: copy the colour of an inked neighbour
+                ny, nx = torch.nonzero(~white[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2])[0].tolist()
+                image[:, y, x] = source[:, max(y - 1, 0) + ny, max(x - 1, 0) + nx]
+            else:                                                  # erode
+                image[:, y, x] = 1.0
+    return out
+
+
+@pytest.mark.parametrize("kind", ["blur", "speckle", "off-palette", "jagged"])
+def test_quality_ranks_degraded_renders_below_clean(kind):
+    prompts = tw.prompt_split("quality", "test")[:32]
+    clean = torch.stack([tw.render("quality", p, i) for i, p in enumerate(prompts)])
+    degraded = degrade(clean, kind, torch.Generator().manual_seed(0))
+    assert not torch.equal(degraded, clean)
+    assert tw.score("quality", clean, prompts).min().item() == 1.0
+    scores = tw.score("quality", degraded, prompts)
+    assert scores.max().item() < 1.0 and scores.mean().item() < 0.5
 
 
 def test_quality_penalises_blur():
@@ -215,3 +254,24 @@ def test_adopt_teachers_ships_each_run_with_checksums_and_log(tmp_path):
     with pytest.raises(FileNotFoundError, match="no teacher LoRA at .*quality.*toy_paper_table.sh"):
         (runs / "quality" / "lora.safetensors").unlink()
         toyworld.adopt_teachers(folder, runs)
+
+
+def test_paper_table_mean_and_standard_error_over_seeds(tmp_path):
+    """`toyworld.py table OUT` merges the evaluate.py parts of runs/toy_paper_table.sh: a seeded row's cells are
+    the mean and std(ddof=1) / sqrt(n) of its seeds; a row trained once has no error bar."""
+    def part(name, table):
+        (tmp_path / "eval" / name).mkdir(parents=True)
+        record = {"table": table, "average": {row: sum(m.values()) / len(m) for row, m in table.items()}}
+        (tmp_path / "eval" / name / "results.json").write_text(json.dumps(record))
+    part("base", {"base": {"geneval": 0.5, "ocr": 0.25}, "teacher_ocr": {"geneval": 0.5, "ocr": 0.75}})
+    part("s0", {"opd_s0": {"geneval": 0.5, "ocr": 0.6}})
+    part("s1", {"opd_s1": {"geneval": 0.7, "ocr": 0.6}})
+    for run, n in [("teacher/ocr", 7), ("opd_s0", 5), ("opd_s1", 4)]:
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "metrics.jsonl").write_text("{}\n" * n)
+    lines = toyworld.paper_table(tmp_path).splitlines()
+    assert lines[0] == "| model | seeds | iterations | geneval | ocr | average |"
+    assert lines[2:] == ["| base | 1 | - | 0.500 | 0.250 | 0.375 |",
+                         "| teacher_ocr | 1 | 7 | 0.500 | 0.750 | 0.625 |",
+                         "| opd | 2 | 4-5 | 0.600 ± 0.100 | 0.600 ± 0.000 | 0.600 ± 0.050 |"]  # SE of (a, b) = |a - b| / 2
+    assert toyworld.mean_se([1.0, 2.0, 3.0, 6.0]) == pytest.approx((3.0, math.sqrt(14 / 3 / 4)))
