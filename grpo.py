@@ -143,7 +143,7 @@ def make_reward(spec: str, task_spec: str = "", options_spec: str = ""):
     return reward
 
 
-def toy_tasks(spec: str, task_spec: str = "") -> list[str]:
+def toy_reward_tasks(spec: str, task_spec: str = "") -> list[str]:
     """The toy tasks of --task_rewards, else those whose reward `toy_<task>` is in --reward: their train prompt
     files are the default --prompts."""
     if task_spec:
@@ -185,7 +185,7 @@ def grpo_iteration(run, iteration: int) -> dict:
     timer |= {"rollout": t1 - t0, "reward": t2 - t1, "targets": clock(run.device) - t2}
 
     stats = Stats(list(run.prompts), run.device)
-    train_passes(run, batch, rows, step_loss, stats, timer)                    # train.py steps 4-5
+    train_passes(run, batch, rows, grpo_step_loss, stats, timer)                    # train.py steps 4-5
     return stats.summary() | {"reward_std": float(std)} | {f"seconds_{k}": v for k, v in timer.items()}
 
 
@@ -203,7 +203,7 @@ def score(run, batch) -> dict:
     return {k: v.to(run.device) for k, v in ({"reward": reward} | named).items()}
 
 
-def step_loss(run, batch, rows):
+def grpo_step_loss(run, batch, rows):
     """Student forward at the rows' (x_j, sigma_j) with grad; K_j to the reference; the PPO clip loss.
     -> loss [r], {kl_base, ratio metrics (train.ratio_terms), advantage, rewards: [r]}, {maxima}"""
     cfg = run.cfg

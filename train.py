@@ -456,7 +456,7 @@ def resolve_data(cfg: Config) -> tuple[dict, dict, dict]:
         tasks = teachers
         if cfg.algo == "grpo":
             import grpo                                                        # grpo.py builds on this module
-            tasks = grpo.toy_tasks(cfg.reward, cfg.task_rewards)
+            tasks = grpo.toy_reward_tasks(cfg.reward, cfg.task_rewards)
         prompt_files = {task: toy_tasks.prompt_file(task, "train") for task in tasks}
     if not prompt_files:
         raise ValueError("--prompts is required (e.g. --prompts ocr=ocr_train.txt)")
