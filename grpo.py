@@ -49,10 +49,11 @@ import torch
 import torch.distributed as dist
 
 from opd_loss import step_kl
-from rewards import REWARDS, check_metadata, check_reward_options, make_weighted_reward, parse_reward_options
+from rewards import (REWARDS, check_metadata, check_reward_options, make_weighted_reward, parse_pairs,
+                     parse_reward_options)
 from rewards import make_reward as make_single_reward
 from toy_tasks import TASKS as TOY_TASKS
-from train import (Stats, clock, draw_rows, local_batch, parse_pairs, ratio_terms, student_rollout, student_step,
+from train import (Stats, clock, draw_rows, local_batch, ratio_terms, student_rollout, student_step,
                    train_passes, velocities_at_rows)
 
 ADVANTAGE_CLIP = 5.0

@@ -53,7 +53,7 @@ from merge_lora import LoRAFileError, load_lora
 from models import load_base
 from opd_loss import (LOSSES, inclusion_probabilities, kl_weights, step_kl, step_probabilities, systematic_steps,
                       uniform_on_grid)
-from rewards import RewardError, make_reward
+from rewards import RewardError, make_reward, parse_pairs
 from sde_sampler import cfg_velocity, gaussian_log_prob, initial_noise, rollout, sde_mean, sde_scale, transition_std
 from sft import flow_matching_loss
 from teachers import add_adapter, load_teachers, parse_teachers, route, target_velocities, teacher_samples
@@ -318,19 +318,6 @@ def jsonl_prompt(line: str, where: str) -> Prompt:
     if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
         raise ValueError(f"{where}: expected a JSON object with a \"prompt\" string, got {line[:80]!r}")
     return Prompt(record["prompt"], record)
-
-
-def parse_pairs(spec: str, flag: str) -> dict[str, str]:
-    """'a=x,b=y' -> {a: x, b: y}."""
-    pairs = {}
-    for item in filter(None, spec.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key or not value:
-            raise ValueError(f"--{flag}: expected task=value, got {item!r}")
-        if key in pairs:
-            raise ValueError(f"--{flag}: {key} is given twice; give each once")
-        pairs[key] = value
-    return pairs
 
 
 def task_weights(spec: str) -> dict[str, float]:
