@@ -18,7 +18,8 @@ exits 1: docs/long_runs.md). An error ends the run with one line, printed by ran
 failure summary (`exit_with_error`). Long runs (docs/long_runs.md): --ema keeps the authors' EMA of the
 student for evaluation and export (ema.py); --eval_every evaluates held-out prompts in the loop as
 evaluate.py does (heldout.py); --log sends metrics.jsonl's lines to tensorboard/wandb (live_log.py).
-Other --algo: sft (the SFT cold start, `sft_iteration`), grpo (Flow-GRPO with --reward, grpo.py).
+Other --algo: sft (the SFT cold start, `sft_iteration`), grpo (Flow-GRPO with --reward, `grpo_iteration`; its
+advantages, loss and rewards in grpo.py).
 
 Run:  torchrun --nproc_per_node=8 train.py --base sd3.5-medium --teachers ocr=ocr_lora,geneval=geneval_lora \
           --prompts ocr=dataset/ocr/train.txt,geneval=dataset/geneval/train_metadata.jsonl --out out/opd_sd35m
@@ -46,6 +47,7 @@ from tqdm import tqdm
 
 import checkpoint
 import ema
+import grpo
 import heldout
 import live_log
 from mar import load_anchor
@@ -442,7 +444,6 @@ def resolve_data(cfg: Config) -> tuple[dict, dict, dict]:
     if not prompt_files and not cfg.base:
         tasks = teachers
         if cfg.algo == "grpo":
-            import grpo                                                        # grpo.py builds on this module
             tasks = grpo.toy_reward_tasks(cfg.reward, cfg.task_rewards)
         prompt_files = {task: toy_tasks.prompt_file(task, "train") for task in tasks}
     if not prompt_files:
@@ -505,7 +506,6 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
         raise ValueError(f"--reward_options are for the rewards of --algo grpo, not --algo {cfg.algo}")
     reward = None
     if cfg.algo == "grpo":
-        import grpo                                                            # grpo.py builds on this module
         reward = grpo.make_reward(cfg.reward, cfg.task_rewards, cfg.reward_options)   # reward models load once, here
     teachers, prompts, weights = resolve_data(cfg)
     if cfg.algo == "grpo":
@@ -724,8 +724,8 @@ def velocities_at_rows(run: Run, adapters: list, batch: Rollouts, rows: Rows) ->
 
 
 def train_passes(run: Run, batch: Rollouts, rows: Rows, step_fn, stats, timer: dict) -> None:
-    """Steps 4-5 for any per-row loss (OPD here, GRPO in grpo.py). The images split into --updates equal
-    shares; for each share: its rows, --train_batch per micro-batch: loss with grad, backward of
+    """Steps 4-5 for any per-row loss (OPD's step_loss, GRPO's grpo_step_loss). The images split into --updates
+    equal shares; for each share: its rows, --train_batch per micro-batch: loss with grad, backward of
     sum_r weight_r loss_r / (images in the share); then the guarded AdamW step.
     Old log-probs of the PPO ratio (kl_only, grpo): the first share's rows use the training forward's own
     (detached) log-prob, ratio exactly 1; the later shares' are recomputed first (recompute_old_log_probs).
@@ -785,10 +785,52 @@ def sft_iteration(run: Run, iteration: int) -> dict:
     return stats.summary()
 
 
-def grpo_iteration(run: Run, iteration: int) -> dict:
-    """Flow-GRPO (grpo.py). Imported here, at call time: grpo.py builds on this module's machinery."""
-    import grpo
-    return grpo.grpo_iteration(run, iteration)
+def grpo_iteration(run, iteration: int) -> dict:
+    """One Flow-GRPO iteration: rollouts (no grad), rewards, group advantages, the training rows (all trained steps,
+    or --sampled_steps drawn uniformly per image) with the reference velocities there, then the PPO passes."""
+    mine, seeds = local_batch(run, iteration)                                   # whole groups on this rank
+    timer = {"rollout": 0.0, "reward": 0.0, "targets": 0.0, "train": 0.0, "optimizer": 0.0}
+    t0 = clock(run.device)
+    batch = student_rollout(run, mine, seeds)
+    t1 = clock(run.device)
+    batch.per_image = score(run, batch)                                         # "reward", "reward_<part>"  [N]
+    std = grpo.global_std(batch.per_image["reward"])
+    advantage = grpo.group_advantages(batch.per_image["reward"], run.cfg.group_size, std).to(run.device)
+    batch.per_image |= {"advantage": advantage, "advantage_abs": advantage.abs()}
+    t2 = clock(run.device)
+    rows = draw_rows(run, seeds)
+    rows.targets["base"] = velocities_at_rows(run, [run.anchor] * len(rows), batch, rows)
+    timer |= {"rollout": t1 - t0, "reward": t2 - t1, "targets": clock(run.device) - t2}
+
+    stats = Stats(list(run.prompts), run.device)
+    train_passes(run, batch, rows, grpo_step_loss, stats, timer)               # steps 4-5, as OPD's
+    return stats.summary() | {"reward_std": float(std)} | {f"seconds_{k}": v for k, v in timer.items()}
+
+
+def score(run, batch) -> dict:
+    """Rewards of the decoded final images, --micro_batch images per decode.  -> "reward" and, for a weighted
+    sum, "reward_<key>" -> [N] on the run's device"""
+    size, parts = run.cfg.micro_batch, []
+    for start in range(0, len(batch.tasks), size):
+        images = run.base.decode(batch.x[-1, start: start + size])              # x_T -> images
+        cut = slice(start, start + size)
+        metadata = [getattr(p, "metadata", None) for p in batch.prompts[cut]]  # each prompt's .jsonl line or None
+        parts.append(run.reward(images, batch.prompts[cut], batch.tasks[cut], metadata))  # r_i, {part: r_i}
+    reward = torch.cat([r for r, _ in parts])
+    named = {f"reward_{k}": torch.cat([p[k] for _, p in parts]) for k in parts[0][1]} if len(parts[0][1]) > 1 else {}
+    return {k: v.to(run.device) for k, v in ({"reward": reward} | named).items()}
+
+
+def grpo_step_loss(run, batch, rows):
+    """Student forward at the rows' (x_j, sigma_j) with grad; K_j to the reference; the PPO clip loss.
+    -> loss [r], {kl_base, ratio metrics (ratio_terms), advantage, rewards: [r]}, {maxima}"""
+    cfg = run.cfg
+    v_student, log_prob = student_step(run, batch, rows)
+    kl_base = step_kl(v_student, rows.targets["base"], run.kl_w[rows.step])    # K_j(S, base)  [r]
+    log_prob_old, logged, peaks = ratio_terms(run, batch, rows, log_prob)
+    per_image = {name: value[rows.image] for name, value in batch.per_image.items()}   # advantage, rewards  [r]
+    loss = grpo.grpo_loss(per_image["advantage"], log_prob, log_prob_old, kl_base, cfg.beta, cfg.clip_range)
+    return loss, {"kl_base": kl_base.detach()} | logged | per_image, peaks     # per-image values: their mean
 
 
 ALGOS = {"opd": opd_iteration, "sft": sft_iteration, "grpo": grpo_iteration}
