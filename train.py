@@ -644,16 +644,6 @@ class Rows:
         return [self[start: start + size] for start in range(0, len(self), size)]
 
 
-def local_batch(run: Run, iteration: int) -> tuple[list[tuple[str, str]], list[int]]:
-    """This rank's slice of the iteration's global batch: whole groups of (task, prompt), one seed per image."""
-    cfg = run.cfg
-    groups = sample_groups(run.prompts, run.weights, cfg.images_per_iteration // cfg.group_size,
-                           sample_seed(cfg.seed, iteration))
-    first = run.rank * run.local_images
-    mine = [g for g in groups for _ in range(cfg.group_size)][first: first + run.local_images]
-    return mine, [sample_seed(cfg.seed, iteration, first + i) for i in range(run.local_images)]
-
-
 def opd_iteration(run: Run, iteration: int) -> dict:
     """One Flow-OPD iteration (module docstring, steps 1-5)."""
     # 1. this rank's slice of the global batch
@@ -676,6 +666,16 @@ def opd_iteration(run: Run, iteration: int) -> dict:
     stats = Stats(list(run.prompts), run.device)
     train_passes(run, batch, rows, step_loss, stats, timer)
     return stats.summary() | {f"seconds_{k}": v for k, v in timer.items()}
+
+
+def local_batch(run: Run, iteration: int) -> tuple[list[tuple[str, str]], list[int]]:
+    """This rank's slice of the iteration's global batch: whole groups of (task, prompt), one seed per image."""
+    cfg = run.cfg
+    groups = sample_groups(run.prompts, run.weights, cfg.images_per_iteration // cfg.group_size,
+                           sample_seed(cfg.seed, iteration))
+    first = run.rank * run.local_images
+    mine = [g for g in groups for _ in range(cfg.group_size)][first: first + run.local_images]
+    return mine, [sample_seed(cfg.seed, iteration, first + i) for i in range(run.local_images)]
 
 
 def student_rollout(run: Run, mine: list[tuple[str, str]], seeds: list[int]) -> Rollouts:
@@ -760,6 +760,117 @@ def recompute_old_log_probs(run: Run, batch: Rollouts, shares: list, size: int) 
         share.log_prob_old = torch.cat([student_step(run, batch, part)[1].detach() for part in share.split(size)])
 
 
+def step_loss(run: Run, batch: Rollouts, rows: Rows):
+    """The student's step (with grad) at the rows; K_j to teacher and anchor; the configured loss.
+    -> loss [r], {"kl_teacher": [r], "kl_anchor": [r], kl_only: ratio metrics}, {maxima}"""
+    v_student, log_prob = student_step(run, batch, rows)
+    w = run.kl_w[rows.step]                                                    # w_j per row  [r]
+    kl_teacher = step_kl(v_student, rows.targets["teacher"], w)                # K_j(S, T_k(i))  [r]
+    kl_anchor = step_kl(v_student, rows.targets["anchor"], w)                  # K_j(S, A)       [r]
+    log_prob_old, logged, peaks = ratio_terms(run, batch, rows, log_prob) if run.ratio else (None, {}, {})
+    loss = run.loss_fn(kl_teacher, kl_anchor, log_prob, log_prob_old)
+    return loss, {"kl_teacher": kl_teacher, "kl_anchor": kl_anchor} | logged, peaks
+
+
+def student_step(run: Run, batch: Rollouts, rows: Rows):
+    """Student CFG forward at the rows' (x_j, sigma_j) with grad, one sigma per row.
+    -> v_student [r, C, H, W], log pi_theta(x_{j+1} | x_j) [r]"""
+    cfg, sigmas, j = run.cfg, run.sigmas, rows.step
+    x, x_next = batch.x[j, rows.image], batch.x[j + 1, rows.image]
+    v_student = cfg_velocity(run.base.transformer, x, sigmas[j], batch.cond[rows.image], cfg.guidance)
+    s, std = sde_scale(sigmas, cfg.noise_level)[j], transition_std(sigmas, cfg.noise_level)[j]
+    mean = sde_mean(x, v_student, sigmas[j], sigmas[j + 1], s)
+    return v_student, gaussian_log_prob(x_next, mean, std)                     # log pi_theta(x_{j+1} | x_j)
+
+
+def ratio_terms(run: Run, batch: Rollouts, rows: Rows, log_prob):
+    """The old log-prob of each row's PPO ratio, and the ratio's metrics. At the first optimizer step
+    (rows.log_prob_old None) the forward's own detached log-prob: the ratio is exactly 1 there, and the rollout's
+    log-prob only measures the rounding noise this removes.
+    -> log_prob_old [r], {clip_fraction, first_step_noise_clip_fraction: [r]}, {maxima: [r]}"""
+    eps = run.cfg.clip_range
+    outside = lambda log_ratio: ((log_ratio.exp() - 1).abs() > eps).float()   # noqa: E731  ratio outside 1 +- eps
+    if rows.log_prob_old is None:
+        own = log_prob.detach()
+        noise = own - batch.log_prob[rows.step, rows.image]                    # log pi_train - log pi_rollout
+        logged = {"clip_fraction": outside(log_prob.detach() - own), "first_step_noise_clip_fraction": outside(noise)}
+        return own, logged, {"first_step_ratio_noise": noise.abs()}
+    log_ratio = log_prob.detach() - rows.log_prob_old
+    return rows.log_prob_old, {"clip_fraction": outside(log_ratio)}, {"log_ratio_max": log_ratio.abs()}
+
+
+def optimizer_step(run: Run, loss_sum: torch.Tensor) -> float:
+    """All-reduce the LoRA gradients (mean over ranks), clip, AdamW step. -> grad norm before clipping.
+    Guard: `loss_sum` (this step's summed losses, scalar) rides in the same all-reduce; a non-finite loss or
+    gradient norm, identical on every rank after it, skips the step on all ranks together, and
+    --max_bad_steps in a row abort."""
+    for p in run.params:
+        if p.grad is None:                                                     # e.g. the last block's add_q_proj
+            p.grad = torch.zeros_like(p)
+    all_reduce_mean([p.grad for p in run.params] + [loss_sum.view(1)])
+    norm = float(torch.nn.utils.clip_grad_norm_(run.params, run.cfg.grad_clip))
+    run.bad_steps = 0 if math.isfinite(norm) and math.isfinite(float(loss_sum)) else run.bad_steps + 1
+    if run.bad_steps == 0:
+        run.optimizer.step()
+        if run.ema is not None:
+            run.ema.after_optimizer_step(run.params)                          # Flow-GRPO's EMA (ema.py)
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.bad_steps >= run.cfg.max_bad_steps:
+        raise Diverged(f"{run.bad_steps} optimizer steps in a row had a non-finite loss or gradient; lower --lr "
+                       f"(now {run.cfg.lr:g}) and go on from the last checkpoint with --resume")
+    return norm
+
+
+class Diverged(RuntimeError):
+    """Too many non-finite steps in a row (train.py exits 1; the last checkpoint is left as it was)."""
+
+
+class Stats:
+    """Per-row metric sums, overall and per task, over one iteration; averaged over ranks at the end. Each row
+    counts with its estimator weight (dense: 1/J each, so a metric is the mean over images and steps); `peak`
+    keeps maxima instead (max over ranks)."""
+
+    def __init__(self, tasks: list[str], device):
+        self.tasks, self.device, self.norms = tasks, device, []
+        self.sums: dict[str, torch.Tensor] = {}                                 # name -> [2, 1 + tasks]: weighted
+        self.peaks: dict[str, torch.Tensor] = {}                                # sums and weights; all, per task
+
+    def add(self, tasks, weight=None, **values):
+        """values: name -> per-row tensor [r] for rows of `tasks` [r], each weighing `weight` [r] (default 1)."""
+        column = torch.tensor([1 + self.tasks.index(t) for t in tasks], device=self.device)
+        weight = torch.ones(len(tasks), device=self.device) if weight is None else weight
+        weight = weight.detach().double()
+        for name, value in values.items():
+            sums = self.sums.setdefault(name, torch.zeros(2, 1 + len(self.tasks), dtype=torch.float64,
+                                                          device=self.device))
+            for row, v in ((0, weight * value.detach().double()), (1, weight)):
+                sums[row, 0] += v.sum()
+                sums[row].index_add_(0, column, v)
+
+    def peak(self, **values):
+        """values: name -> tensor; the iteration's maximum is logged."""
+        for name, value in values.items():
+            top = value.detach().double().max().view(1)
+            self.peaks[name] = torch.maximum(self.peaks.get(name, top), top)
+
+    def summary(self) -> dict:
+        finite = [n for n in self.norms if math.isfinite(n)]
+        out = {"grad_norm": sum(finite) / len(finite) if finite else None, "skipped_steps": len(self.norms) - len(finite)}
+        names, peaks = list(self.sums), list(self.peaks)                       # the same on every rank
+        if names:
+            table = torch.stack([self.sums[n] for n in names])
+            dist.all_reduce(table)
+            for name, (sums, weights) in zip(names, table.tolist()):
+                out[name] = sums[0] / weights[0]
+                for i, task in enumerate(self.tasks):
+                    out[f"{name}/{task}"] = sums[1 + i] / weights[1 + i] if weights[1 + i] else None   # None: task absent
+        if peaks:
+            top = torch.cat([self.peaks[n] for n in peaks])
+            dist.all_reduce(top, op=dist.ReduceOp.MAX)
+            out |= dict(zip(peaks, top.tolist()))
+        return out
+
+
 def sft_iteration(run: Run, iteration: int) -> dict:
     """SFT cold start (paper sec. 3.2; not in the authors' code): each prompt's routed teacher samples it with
     the ODE (evaluation settings, --sft_sample_steps), then the student takes L_FM on those samples (sft.py)."""
@@ -834,117 +945,6 @@ def grpo_step_loss(run, batch, rows):
 
 
 ALGOS = {"opd": opd_iteration, "sft": sft_iteration, "grpo": grpo_iteration}
-
-
-def student_step(run: Run, batch: Rollouts, rows: Rows):
-    """Student CFG forward at the rows' (x_j, sigma_j) with grad, one sigma per row.
-    -> v_student [r, C, H, W], log pi_theta(x_{j+1} | x_j) [r]"""
-    cfg, sigmas, j = run.cfg, run.sigmas, rows.step
-    x, x_next = batch.x[j, rows.image], batch.x[j + 1, rows.image]
-    v_student = cfg_velocity(run.base.transformer, x, sigmas[j], batch.cond[rows.image], cfg.guidance)
-    s, std = sde_scale(sigmas, cfg.noise_level)[j], transition_std(sigmas, cfg.noise_level)[j]
-    mean = sde_mean(x, v_student, sigmas[j], sigmas[j + 1], s)
-    return v_student, gaussian_log_prob(x_next, mean, std)                     # log pi_theta(x_{j+1} | x_j)
-
-
-def ratio_terms(run: Run, batch: Rollouts, rows: Rows, log_prob):
-    """The old log-prob of each row's PPO ratio, and the ratio's metrics. At the first optimizer step
-    (rows.log_prob_old None) the forward's own detached log-prob: the ratio is exactly 1 there, and the rollout's
-    log-prob only measures the rounding noise this removes.
-    -> log_prob_old [r], {clip_fraction, first_step_noise_clip_fraction: [r]}, {maxima: [r]}"""
-    eps = run.cfg.clip_range
-    outside = lambda log_ratio: ((log_ratio.exp() - 1).abs() > eps).float()   # noqa: E731  ratio outside 1 +- eps
-    if rows.log_prob_old is None:
-        own = log_prob.detach()
-        noise = own - batch.log_prob[rows.step, rows.image]                    # log pi_train - log pi_rollout
-        logged = {"clip_fraction": outside(log_prob.detach() - own), "first_step_noise_clip_fraction": outside(noise)}
-        return own, logged, {"first_step_ratio_noise": noise.abs()}
-    log_ratio = log_prob.detach() - rows.log_prob_old
-    return rows.log_prob_old, {"clip_fraction": outside(log_ratio)}, {"log_ratio_max": log_ratio.abs()}
-
-
-def step_loss(run: Run, batch: Rollouts, rows: Rows):
-    """The student's step (with grad) at the rows; K_j to teacher and anchor; the configured loss.
-    -> loss [r], {"kl_teacher": [r], "kl_anchor": [r], kl_only: ratio metrics}, {maxima}"""
-    v_student, log_prob = student_step(run, batch, rows)
-    w = run.kl_w[rows.step]                                                    # w_j per row  [r]
-    kl_teacher = step_kl(v_student, rows.targets["teacher"], w)                # K_j(S, T_k(i))  [r]
-    kl_anchor = step_kl(v_student, rows.targets["anchor"], w)                  # K_j(S, A)       [r]
-    log_prob_old, logged, peaks = ratio_terms(run, batch, rows, log_prob) if run.ratio else (None, {}, {})
-    loss = run.loss_fn(kl_teacher, kl_anchor, log_prob, log_prob_old)
-    return loss, {"kl_teacher": kl_teacher, "kl_anchor": kl_anchor} | logged, peaks
-
-
-def optimizer_step(run: Run, loss_sum: torch.Tensor) -> float:
-    """All-reduce the LoRA gradients (mean over ranks), clip, AdamW step. -> grad norm before clipping.
-    Guard: `loss_sum` (this step's summed losses, scalar) rides in the same all-reduce; a non-finite loss or
-    gradient norm, identical on every rank after it, skips the step on all ranks together, and
-    --max_bad_steps in a row abort."""
-    for p in run.params:
-        if p.grad is None:                                                     # e.g. the last block's add_q_proj
-            p.grad = torch.zeros_like(p)
-    all_reduce_mean([p.grad for p in run.params] + [loss_sum.view(1)])
-    norm = float(torch.nn.utils.clip_grad_norm_(run.params, run.cfg.grad_clip))
-    run.bad_steps = 0 if math.isfinite(norm) and math.isfinite(float(loss_sum)) else run.bad_steps + 1
-    if run.bad_steps == 0:
-        run.optimizer.step()
-        if run.ema is not None:
-            run.ema.after_optimizer_step(run.params)                          # Flow-GRPO's EMA (ema.py)
-    run.optimizer.zero_grad(set_to_none=True)
-    if run.bad_steps >= run.cfg.max_bad_steps:
-        raise Diverged(f"{run.bad_steps} optimizer steps in a row had a non-finite loss or gradient; lower --lr "
-                       f"(now {run.cfg.lr:g}) and go on from the last checkpoint with --resume")
-    return norm
-
-
-class Diverged(RuntimeError):
-    """Too many non-finite steps in a row (train.py exits 1; the last checkpoint is left as it was)."""
-
-
-class Stats:
-    """Per-row metric sums, overall and per task, over one iteration; averaged over ranks at the end. Each row
-    counts with its estimator weight (dense: 1/J each, so a metric is the mean over images and steps); `peak`
-    keeps maxima instead (max over ranks)."""
-
-    def __init__(self, tasks: list[str], device):
-        self.tasks, self.device, self.norms = tasks, device, []
-        self.sums: dict[str, torch.Tensor] = {}                                 # name -> [2, 1 + tasks]: weighted
-        self.peaks: dict[str, torch.Tensor] = {}                                # sums and weights; all, per task
-
-    def add(self, tasks, weight=None, **values):
-        """values: name -> per-row tensor [r] for rows of `tasks` [r], each weighing `weight` [r] (default 1)."""
-        column = torch.tensor([1 + self.tasks.index(t) for t in tasks], device=self.device)
-        weight = torch.ones(len(tasks), device=self.device) if weight is None else weight
-        weight = weight.detach().double()
-        for name, value in values.items():
-            sums = self.sums.setdefault(name, torch.zeros(2, 1 + len(self.tasks), dtype=torch.float64,
-                                                          device=self.device))
-            for row, v in ((0, weight * value.detach().double()), (1, weight)):
-                sums[row, 0] += v.sum()
-                sums[row].index_add_(0, column, v)
-
-    def peak(self, **values):
-        """values: name -> tensor; the iteration's maximum is logged."""
-        for name, value in values.items():
-            top = value.detach().double().max().view(1)
-            self.peaks[name] = torch.maximum(self.peaks.get(name, top), top)
-
-    def summary(self) -> dict:
-        finite = [n for n in self.norms if math.isfinite(n)]
-        out = {"grad_norm": sum(finite) / len(finite) if finite else None, "skipped_steps": len(self.norms) - len(finite)}
-        names, peaks = list(self.sums), list(self.peaks)                       # the same on every rank
-        if names:
-            table = torch.stack([self.sums[n] for n in names])
-            dist.all_reduce(table)
-            for name, (sums, weights) in zip(names, table.tolist()):
-                out[name] = sums[0] / weights[0]
-                for i, task in enumerate(self.tasks):
-                    out[f"{name}/{task}"] = sums[1 + i] / weights[1 + i] if weights[1 + i] else None   # None: task absent
-        if peaks:
-            top = torch.cat([self.peaks[n] for n in peaks])
-            dist.all_reduce(top, op=dist.ReduceOp.MAX)
-            out |= dict(zip(peaks, top.tolist()))
-        return out
 
 
 # ----------------------------------------------------------------------------------------- main
