@@ -19,7 +19,8 @@ failure summary (`exit_with_error`). Long runs (docs/long_runs.md): --ema keeps 
 student for evaluation and export (ema.py); --eval_every evaluates held-out prompts in the loop as
 evaluate.py does (heldout.py); --log sends metrics.jsonl's lines to tensorboard/wandb (live_log.py).
 Other --algo: sft (the SFT cold start, `sft_iteration`), grpo (Flow-GRPO with --reward, `grpo_iteration`; its
-advantages, loss and rewards in grpo.py).
+advantages, loss and rewards in grpo.py). This file reads top to bottom: config, data and setup;
+`opd_iteration`, then what it calls, in call order; SFT; GRPO; `main`.
 
 Run:  torchrun --nproc_per_node=8 train.py --base sd3.5-medium --teachers ocr=ocr_lora,geneval=geneval_lora \
           --prompts ocr=dataset/ocr/train.txt,geneval=dataset/geneval/train_metadata.jsonl --out out/opd_sd35m
@@ -402,7 +403,6 @@ class Run:
     weights: dict                       # task -> sampling weight
     params: list                        # the student's LoRA parameters (fp32)
     optimizer: torch.optim.Optimizer
-    loss_fn: object                     # opd_loss.LOSSES[cfg.loss], bound to its options
     kl_w: torch.Tensor                  # [T] per-step KL weights
     sigmas: torch.Tensor                # [T+1]
     local_images: int                   # images per rank per iteration
@@ -531,8 +531,6 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
                                                                                                  # export (+ EMA)
     speed_up(base.transformer, cfg)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    options = {"clip_range": cfg.clip_range, "detach_advantage": cfg.detach_advantage} if cfg.loss == "kl_only" else {}
-    loss_fn = lambda *terms: LOSSES[cfg.loss](*terms, beta=cfg.beta, **options)  # noqa: E731
     sigmas = base.sigmas(cfg.steps).to(device)
     kl_w = kl_weights(sigmas, cfg.noise_level, cfg.kl_weighting)
     p = torch.ones(cfg.train_steps) if cfg.algo == "grpo" else step_probabilities(kl_w[:cfg.train_steps])
@@ -549,7 +547,7 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
             print(f"EMA of the student: {'on' if ema_state else 'off'}; in-loop evaluation: " +
                   (f"every {cfg.eval_every} iterations, {cfg.eval_steps} ODE steps, prompts {tasks}" if evaluation
                    else "off"), flush=True)
-    return Run(cfg, rank, world, device, base, routes, anchor, prompts, weights, params, optimizer, loss_fn,
+    return Run(cfg, rank, world, device, base, routes, anchor, prompts, weights, params, optimizer,
                kl_w, sigmas, local, checkpoint.identity(cfg, base.name, teachers, prompts), reward, inclusion,
                ratio=cfg.algo == "grpo" or cfg.loss == "kl_only", ema=ema_state, evaluation=evaluation)
 
@@ -609,7 +607,7 @@ def write_record(cfg: Config, out: Path, base_name: str, world: int) -> None:
         (out / "metrics.jsonl").write_text("")
 
 
-# ----------------------------------------------------------------------------------------- one iteration
+# ----------------------------------------------------------------------------------------- one OPD iteration
 
 @dataclass
 class Rollouts:
@@ -768,7 +766,7 @@ def step_loss(run: Run, batch: Rollouts, rows: Rows):
     kl_teacher = step_kl(v_student, rows.targets["teacher"], w)                # K_j(S, T_k(i))  [r]
     kl_anchor = step_kl(v_student, rows.targets["anchor"], w)                  # K_j(S, A)       [r]
     log_prob_old, logged, peaks = ratio_terms(run, batch, rows, log_prob) if run.ratio else (None, {}, {})
-    loss = run.loss_fn(kl_teacher, kl_anchor, log_prob, log_prob_old)
+    loss = configured_loss(run, kl_teacher, kl_anchor, log_prob, log_prob_old)
     return loss, {"kl_teacher": kl_teacher, "kl_anchor": kl_anchor} | logged, peaks
 
 
@@ -797,6 +795,14 @@ def ratio_terms(run: Run, batch: Rollouts, rows: Rows, log_prob):
         return own, logged, {"first_step_ratio_noise": noise.abs()}
     log_ratio = log_prob.detach() - rows.log_prob_old
     return rows.log_prob_old, {"clip_fraction": outside(log_ratio)}, {"log_ratio_max": log_ratio.abs()}
+
+
+def configured_loss(run: Run, kl_teacher, kl_anchor, log_prob, log_prob_old):
+    """The --loss of opd_loss.LOSSES with its options from the config: gkd (beta), or kl_only (beta, --clip_range,
+    --detach_advantage).  all: [r] -> [r]"""
+    cfg = run.cfg
+    options = {"clip_range": cfg.clip_range, "detach_advantage": cfg.detach_advantage} if cfg.loss == "kl_only" else {}
+    return LOSSES[cfg.loss](kl_teacher, kl_anchor, log_prob, log_prob_old, beta=cfg.beta, **options)
 
 
 def optimizer_step(run: Run, loss_sum: torch.Tensor) -> float:
@@ -871,6 +877,8 @@ class Stats:
         return out
 
 
+# ----------------------------------------------------------------------------------------- SFT (--algo sft)
+
 def sft_iteration(run: Run, iteration: int) -> dict:
     """SFT cold start (paper sec. 3.2; not in the authors' code): each prompt's routed teacher samples it with
     the ODE (evaluation settings, --sft_sample_steps), then the student takes L_FM on those samples (sft.py)."""
@@ -895,6 +903,8 @@ def sft_iteration(run: Run, iteration: int) -> dict:
         stats.norms.append(optimizer_step(run, loss_sum))
     return stats.summary()
 
+
+# ----------------------------------------------------------------------------------------- Flow-GRPO (--algo grpo)
 
 def grpo_iteration(run, iteration: int) -> dict:
     """One Flow-GRPO iteration: rollouts (no grad), rewards, group advantages, the training rows (all trained steps,
