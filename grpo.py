@@ -1,4 +1,6 @@
-"""Flow-GRPO: reward RL of the student LoRA (stage-1 teachers, the GRPO-Mix baseline). `train.py --algo grpo`.
+"""Flow-GRPO's math and rewards: group advantages, the PPO clip loss, the per-task reward (stage-1 teachers, the
+GRPO-Mix baseline). The iteration that uses them is train.grpo_iteration (`train.py --algo grpo`); this module sits
+below train.py and imports nothing from it.
 
 Flow-GRPO (arXiv 2505.05470; docs/method.md section 6). Each prompt is rolled out G times (`--group_size`) with the Flow-SDE
 (sde_sampler.py); the final states are decoded and scored by the reward r. For image i of group g(i), every
@@ -48,12 +50,10 @@ Demo: torchrun --nproc_per_node=1 train.py --algo grpo --reward toy_ocr --out ou
 import torch
 import torch.distributed as dist
 
-from opd_loss import step_kl
-from rewards import REWARDS, check_metadata, check_reward_options, make_weighted_reward, parse_reward_options
+from rewards import (REWARDS, check_metadata, check_reward_options, make_weighted_reward, parse_pairs,
+                     parse_reward_options)
 from rewards import make_reward as make_single_reward
 from toy_tasks import TASKS as TOY_TASKS
-from train import (Stats, clock, draw_rows, local_batch, parse_pairs, ratio_terms, student_rollout, student_step,
-                   train_passes, velocities_at_rows)
 
 ADVANTAGE_CLIP = 5.0
 
@@ -143,7 +143,7 @@ def make_reward(spec: str, task_spec: str = "", options_spec: str = ""):
     return reward
 
 
-def toy_tasks(spec: str, task_spec: str = "") -> list[str]:
+def toy_reward_tasks(spec: str, task_spec: str = "") -> list[str]:
     """The toy tasks of --task_rewards, else those whose reward `toy_<task>` is in --reward: their train prompt
     files are the default --prompts."""
     if task_spec:
@@ -163,53 +163,3 @@ def check_tasks(prompts: dict, task_spec: str, spec: str = "") -> None:
     for task, task_prompts in prompts.items():
         for key in ([names[task]] if task_spec else []) + shared:
             check_metadata(key, [getattr(p, "metadata", None) for p in task_prompts], f"task {task!r} (--prompts)")
-
-
-# ----------------------------------------------------------------------------------------- one iteration
-
-def grpo_iteration(run, iteration: int) -> dict:
-    """One Flow-GRPO iteration: rollouts (no grad), rewards, group advantages, the training rows (all trained steps,
-    or --sampled_steps drawn uniformly per image) with the reference velocities there, then the PPO passes."""
-    mine, seeds = local_batch(run, iteration)                                   # whole groups on this rank
-    timer = {"rollout": 0.0, "reward": 0.0, "targets": 0.0, "train": 0.0, "optimizer": 0.0}
-    t0 = clock(run.device)
-    batch = student_rollout(run, mine, seeds)
-    t1 = clock(run.device)
-    batch.per_image = score(run, batch)                                         # "reward", "reward_<part>"  [N]
-    std = global_std(batch.per_image["reward"])
-    advantage = group_advantages(batch.per_image["reward"], run.cfg.group_size, std).to(run.device)
-    batch.per_image |= {"advantage": advantage, "advantage_abs": advantage.abs()}
-    t2 = clock(run.device)
-    rows = draw_rows(run, seeds)
-    rows.targets["base"] = velocities_at_rows(run, [run.anchor] * len(rows), batch, rows)
-    timer |= {"rollout": t1 - t0, "reward": t2 - t1, "targets": clock(run.device) - t2}
-
-    stats = Stats(list(run.prompts), run.device)
-    train_passes(run, batch, rows, step_loss, stats, timer)                    # train.py steps 4-5
-    return stats.summary() | {"reward_std": float(std)} | {f"seconds_{k}": v for k, v in timer.items()}
-
-
-def score(run, batch) -> dict:
-    """Rewards of the decoded final images, --micro_batch images per decode.  -> "reward" and, for a weighted
-    sum, "reward_<key>" -> [N] on the run's device"""
-    size, parts = run.cfg.micro_batch, []
-    for start in range(0, len(batch.tasks), size):
-        images = run.base.decode(batch.x[-1, start: start + size])              # x_T -> images
-        cut = slice(start, start + size)
-        metadata = [getattr(p, "metadata", None) for p in batch.prompts[cut]]  # each prompt's .jsonl line or None
-        parts.append(run.reward(images, batch.prompts[cut], batch.tasks[cut], metadata))  # r_i, {part: r_i}
-    reward = torch.cat([r for r, _ in parts])
-    named = {f"reward_{k}": torch.cat([p[k] for _, p in parts]) for k in parts[0][1]} if len(parts[0][1]) > 1 else {}
-    return {k: v.to(run.device) for k, v in ({"reward": reward} | named).items()}
-
-
-def step_loss(run, batch, rows):
-    """Student forward at the rows' (x_j, sigma_j) with grad; K_j to the reference; the PPO clip loss.
-    -> loss [r], {kl_base, ratio metrics (train.ratio_terms), advantage, rewards: [r]}, {maxima}"""
-    cfg = run.cfg
-    v_student, log_prob = student_step(run, batch, rows)
-    kl_base = step_kl(v_student, rows.targets["base"], run.kl_w[rows.step])    # K_j(S, base)  [r]
-    log_prob_old, logged, peaks = ratio_terms(run, batch, rows, log_prob)
-    per_image = {name: value[rows.image] for name, value in batch.per_image.items()}   # advantage, rewards  [r]
-    loss = grpo_loss(per_image["advantage"], log_prob, log_prob_old, kl_base, cfg.beta, cfg.clip_range)
-    return loss, {"kl_base": kl_base.detach()} | logged | per_image, peaks     # per-image values: their mean

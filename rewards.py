@@ -815,6 +815,20 @@ def make_weighted_reward(weights: dict[str, float], options: dict[str, dict] | N
     return reward
 
 
+def parse_pairs(spec: str, flag: str) -> dict[str, str]:
+    """'a=x,b=y' -> {a: x, b: y}: the task-keyed flags (--prompts, --task_rewards, --rewards, ...) of train.py,
+    grpo.py and evaluate.py."""
+    pairs = {}
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"--{flag}: expected task=value, got {item!r}")
+        if key in pairs:
+            raise ValueError(f"--{flag}: {key} is given twice; give each once")
+        pairs[key] = value
+    return pairs
+
+
 def parse_reward_options(spec: str, flag: str = "--reward_options") -> dict[str, dict[str, str]]:
     """'geneval_server.url=http://h:18085,deqa_server.timeout=30' -> {"geneval_server": {"url": ...}, ...}. A value
     may hold commas: a new item starts only at ',KEY.OPTION='."""

@@ -18,7 +18,9 @@ exits 1: docs/long_runs.md). An error ends the run with one line, printed by ran
 failure summary (`exit_with_error`). Long runs (docs/long_runs.md): --ema keeps the authors' EMA of the
 student for evaluation and export (ema.py); --eval_every evaluates held-out prompts in the loop as
 evaluate.py does (heldout.py); --log sends metrics.jsonl's lines to tensorboard/wandb (live_log.py).
-Other --algo: sft (the SFT cold start, `sft_iteration`), grpo (Flow-GRPO with --reward, grpo.py).
+Other --algo: sft (the SFT cold start, `sft_iteration`), grpo (Flow-GRPO with --reward, `grpo_iteration`; its
+advantages, loss and rewards in grpo.py). This file reads top to bottom: config, data and setup;
+`opd_iteration`, then what it calls, in call order; SFT; GRPO; `main`.
 
 Run:  torchrun --nproc_per_node=8 train.py --base sd3.5-medium --teachers ocr=ocr_lora,geneval=geneval_lora \
           --prompts ocr=dataset/ocr/train.txt,geneval=dataset/geneval/train_metadata.jsonl --out out/opd_sd35m
@@ -46,6 +48,7 @@ from tqdm import tqdm
 
 import checkpoint
 import ema
+import grpo
 import heldout
 import live_log
 from mar import load_anchor
@@ -53,7 +56,7 @@ from merge_lora import LoRAFileError, load_lora
 from models import load_base
 from opd_loss import (LOSSES, inclusion_probabilities, kl_weights, step_kl, step_probabilities, systematic_steps,
                       uniform_on_grid)
-from rewards import RewardError, make_reward
+from rewards import RewardError, make_reward, parse_pairs
 from sde_sampler import cfg_velocity, gaussian_log_prob, initial_noise, rollout, sde_mean, sde_scale, transition_std
 from sft import flow_matching_loss
 from teachers import add_adapter, load_teachers, parse_teachers, route, target_velocities, teacher_samples
@@ -320,19 +323,6 @@ def jsonl_prompt(line: str, where: str) -> Prompt:
     return Prompt(record["prompt"], record)
 
 
-def parse_pairs(spec: str, flag: str) -> dict[str, str]:
-    """'a=x,b=y' -> {a: x, b: y}."""
-    pairs = {}
-    for item in filter(None, spec.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key or not value:
-            raise ValueError(f"--{flag}: expected task=value, got {item!r}")
-        if key in pairs:
-            raise ValueError(f"--{flag}: {key} is given twice; give each once")
-        pairs[key] = value
-    return pairs
-
-
 def task_weights(spec: str) -> dict[str, float]:
     """--task_weights 'a=1,b=3' -> {a: 1.0, b: 3.0}; every weight a finite number."""
     weights = {}
@@ -413,7 +403,6 @@ class Run:
     weights: dict                       # task -> sampling weight
     params: list                        # the student's LoRA parameters (fp32)
     optimizer: torch.optim.Optimizer
-    loss_fn: object                     # opd_loss.LOSSES[cfg.loss], bound to its options
     kl_w: torch.Tensor                  # [T] per-step KL weights
     sigmas: torch.Tensor                # [T+1]
     local_images: int                   # images per rank per iteration
@@ -455,8 +444,7 @@ def resolve_data(cfg: Config) -> tuple[dict, dict, dict]:
     if not prompt_files and not cfg.base:
         tasks = teachers
         if cfg.algo == "grpo":
-            import grpo                                                        # grpo.py builds on this module
-            tasks = grpo.toy_tasks(cfg.reward, cfg.task_rewards)
+            tasks = grpo.toy_reward_tasks(cfg.reward, cfg.task_rewards)
         prompt_files = {task: toy_tasks.prompt_file(task, "train") for task in tasks}
     if not prompt_files:
         raise ValueError("--prompts is required (e.g. --prompts ocr=ocr_train.txt)")
@@ -518,7 +506,6 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
         raise ValueError(f"--reward_options are for the rewards of --algo grpo, not --algo {cfg.algo}")
     reward = None
     if cfg.algo == "grpo":
-        import grpo                                                            # grpo.py builds on this module
         reward = grpo.make_reward(cfg.reward, cfg.task_rewards, cfg.reward_options)   # reward models load once, here
     teachers, prompts, weights = resolve_data(cfg)
     if cfg.algo == "grpo":
@@ -544,8 +531,6 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
                                                                                                  # export (+ EMA)
     speed_up(base.transformer, cfg)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    options = {"clip_range": cfg.clip_range, "detach_advantage": cfg.detach_advantage} if cfg.loss == "kl_only" else {}
-    loss_fn = lambda *terms: LOSSES[cfg.loss](*terms, beta=cfg.beta, **options)  # noqa: E731
     sigmas = base.sigmas(cfg.steps).to(device)
     kl_w = kl_weights(sigmas, cfg.noise_level, cfg.kl_weighting)
     p = torch.ones(cfg.train_steps) if cfg.algo == "grpo" else step_probabilities(kl_w[:cfg.train_steps])
@@ -562,7 +547,7 @@ def setup(cfg: Config, rank: int, world: int, device: torch.device, base=None) -
             print(f"EMA of the student: {'on' if ema_state else 'off'}; in-loop evaluation: " +
                   (f"every {cfg.eval_every} iterations, {cfg.eval_steps} ODE steps, prompts {tasks}" if evaluation
                    else "off"), flush=True)
-    return Run(cfg, rank, world, device, base, routes, anchor, prompts, weights, params, optimizer, loss_fn,
+    return Run(cfg, rank, world, device, base, routes, anchor, prompts, weights, params, optimizer,
                kl_w, sigmas, local, checkpoint.identity(cfg, base.name, teachers, prompts), reward, inclusion,
                ratio=cfg.algo == "grpo" or cfg.loss == "kl_only", ema=ema_state, evaluation=evaluation)
 
@@ -622,7 +607,7 @@ def write_record(cfg: Config, out: Path, base_name: str, world: int) -> None:
         (out / "metrics.jsonl").write_text("")
 
 
-# ----------------------------------------------------------------------------------------- one iteration
+# ----------------------------------------------------------------------------------------- one OPD iteration
 
 @dataclass
 class Rollouts:
@@ -657,16 +642,6 @@ class Rows:
         return [self[start: start + size] for start in range(0, len(self), size)]
 
 
-def local_batch(run: Run, iteration: int) -> tuple[list[tuple[str, str]], list[int]]:
-    """This rank's slice of the iteration's global batch: whole groups of (task, prompt), one seed per image."""
-    cfg = run.cfg
-    groups = sample_groups(run.prompts, run.weights, cfg.images_per_iteration // cfg.group_size,
-                           sample_seed(cfg.seed, iteration))
-    first = run.rank * run.local_images
-    mine = [g for g in groups for _ in range(cfg.group_size)][first: first + run.local_images]
-    return mine, [sample_seed(cfg.seed, iteration, first + i) for i in range(run.local_images)]
-
-
 def opd_iteration(run: Run, iteration: int) -> dict:
     """One Flow-OPD iteration (module docstring, steps 1-5)."""
     # 1. this rank's slice of the global batch
@@ -689,6 +664,16 @@ def opd_iteration(run: Run, iteration: int) -> dict:
     stats = Stats(list(run.prompts), run.device)
     train_passes(run, batch, rows, step_loss, stats, timer)
     return stats.summary() | {f"seconds_{k}": v for k, v in timer.items()}
+
+
+def local_batch(run: Run, iteration: int) -> tuple[list[tuple[str, str]], list[int]]:
+    """This rank's slice of the iteration's global batch: whole groups of (task, prompt), one seed per image."""
+    cfg = run.cfg
+    groups = sample_groups(run.prompts, run.weights, cfg.images_per_iteration // cfg.group_size,
+                           sample_seed(cfg.seed, iteration))
+    first = run.rank * run.local_images
+    mine = [g for g in groups for _ in range(cfg.group_size)][first: first + run.local_images]
+    return mine, [sample_seed(cfg.seed, iteration, first + i) for i in range(run.local_images)]
 
 
 def student_rollout(run: Run, mine: list[tuple[str, str]], seeds: list[int]) -> Rollouts:
@@ -737,8 +722,8 @@ def velocities_at_rows(run: Run, adapters: list, batch: Rollouts, rows: Rows) ->
 
 
 def train_passes(run: Run, batch: Rollouts, rows: Rows, step_fn, stats, timer: dict) -> None:
-    """Steps 4-5 for any per-row loss (OPD here, GRPO in grpo.py). The images split into --updates equal
-    shares; for each share: its rows, --train_batch per micro-batch: loss with grad, backward of
+    """Steps 4-5 for any per-row loss (OPD's step_loss, GRPO's grpo_step_loss). The images split into --updates
+    equal shares; for each share: its rows, --train_batch per micro-batch: loss with grad, backward of
     sum_r weight_r loss_r / (images in the share); then the guarded AdamW step.
     Old log-probs of the PPO ratio (kl_only, grpo): the first share's rows use the training forward's own
     (detached) log-prob, ratio exactly 1; the later shares' are recomputed first (recompute_old_log_probs).
@@ -773,38 +758,16 @@ def recompute_old_log_probs(run: Run, batch: Rollouts, shares: list, size: int) 
         share.log_prob_old = torch.cat([student_step(run, batch, part)[1].detach() for part in share.split(size)])
 
 
-def sft_iteration(run: Run, iteration: int) -> dict:
-    """SFT cold start (paper sec. 3.2; not in the authors' code): each prompt's routed teacher samples it with
-    the ODE (evaluation settings, --sft_sample_steps), then the student takes L_FM on those samples (sft.py)."""
-    cfg, base, transformer = run.cfg, run.base, run.base.transformer
-    mine, seeds = local_batch(run, iteration)
-    sigmas = base.sigmas(cfg.sft_sample_steps)
-    stats = Stats(list(run.prompts), run.device)
-    micro_batches_per_update = run.local_images // cfg.updates // cfg.micro_batch
-    images_per_update = micro_batches_per_update * cfg.micro_batch
-    for k in range(cfg.updates):
-        loss_sum = torch.zeros((), device=run.device)
-        for start in range(k * images_per_update, (k + 1) * images_per_update, cfg.micro_batch):
-            tasks, prompts = zip(*mine[start: start + cfg.micro_batch])
-            cond = base.condition(list(prompts))
-            noise, draws = initial_noise(seeds[start: start + cfg.micro_batch], base.latent_shape, 2, run.device)
-            x0 = teacher_samples(transformer, route(tasks, run.routes), noise, sigmas, cond, cfg.guidance)
-            sigma = torch.sigmoid(draws[1].flatten(1)[:, 0])                   # logit-normal sigma, per sample
-            loss = flow_matching_loss(transformer, x0, cond, sigma, draws[0])   # [b]
-            (loss.mean() / micro_batches_per_update).backward()
-            stats.add(tasks, loss=loss.detach())
-            loss_sum += loss.detach().sum()
-        stats.norms.append(optimizer_step(run, loss_sum))
-    return stats.summary()
-
-
-def grpo_iteration(run: Run, iteration: int) -> dict:
-    """Flow-GRPO (grpo.py). Imported here, at call time: grpo.py builds on this module's machinery."""
-    import grpo
-    return grpo.grpo_iteration(run, iteration)
-
-
-ALGOS = {"opd": opd_iteration, "sft": sft_iteration, "grpo": grpo_iteration}
+def step_loss(run: Run, batch: Rollouts, rows: Rows):
+    """The student's step (with grad) at the rows; K_j to teacher and anchor; the configured loss.
+    -> loss [r], {"kl_teacher": [r], "kl_anchor": [r], kl_only: ratio metrics}, {maxima}"""
+    v_student, log_prob = student_step(run, batch, rows)
+    w = run.kl_w[rows.step]                                                    # w_j per row  [r]
+    kl_teacher = step_kl(v_student, rows.targets["teacher"], w)                # K_j(S, T_k(i))  [r]
+    kl_anchor = step_kl(v_student, rows.targets["anchor"], w)                  # K_j(S, A)       [r]
+    log_prob_old, logged, peaks = ratio_terms(run, batch, rows, log_prob) if run.ratio else (None, {}, {})
+    loss = configured_loss(run, kl_teacher, kl_anchor, log_prob, log_prob_old)
+    return loss, {"kl_teacher": kl_teacher, "kl_anchor": kl_anchor} | logged, peaks
 
 
 def student_step(run: Run, batch: Rollouts, rows: Rows):
@@ -834,16 +797,12 @@ def ratio_terms(run: Run, batch: Rollouts, rows: Rows, log_prob):
     return rows.log_prob_old, {"clip_fraction": outside(log_ratio)}, {"log_ratio_max": log_ratio.abs()}
 
 
-def step_loss(run: Run, batch: Rollouts, rows: Rows):
-    """The student's step (with grad) at the rows; K_j to teacher and anchor; the configured loss.
-    -> loss [r], {"kl_teacher": [r], "kl_anchor": [r], kl_only: ratio metrics}, {maxima}"""
-    v_student, log_prob = student_step(run, batch, rows)
-    w = run.kl_w[rows.step]                                                    # w_j per row  [r]
-    kl_teacher = step_kl(v_student, rows.targets["teacher"], w)                # K_j(S, T_k(i))  [r]
-    kl_anchor = step_kl(v_student, rows.targets["anchor"], w)                  # K_j(S, A)       [r]
-    log_prob_old, logged, peaks = ratio_terms(run, batch, rows, log_prob) if run.ratio else (None, {}, {})
-    loss = run.loss_fn(kl_teacher, kl_anchor, log_prob, log_prob_old)
-    return loss, {"kl_teacher": kl_teacher, "kl_anchor": kl_anchor} | logged, peaks
+def configured_loss(run: Run, kl_teacher, kl_anchor, log_prob, log_prob_old):
+    """The --loss of opd_loss.LOSSES with its options from the config: gkd (beta), or kl_only (beta, --clip_range,
+    --detach_advantage).  all: [r] -> [r]"""
+    cfg = run.cfg
+    options = {"clip_range": cfg.clip_range, "detach_advantage": cfg.detach_advantage} if cfg.loss == "kl_only" else {}
+    return LOSSES[cfg.loss](kl_teacher, kl_anchor, log_prob, log_prob_old, beta=cfg.beta, **options)
 
 
 def optimizer_step(run: Run, loss_sum: torch.Tensor) -> float:
@@ -916,6 +875,86 @@ class Stats:
             dist.all_reduce(top, op=dist.ReduceOp.MAX)
             out |= dict(zip(peaks, top.tolist()))
         return out
+
+
+# ----------------------------------------------------------------------------------------- SFT (--algo sft)
+
+def sft_iteration(run: Run, iteration: int) -> dict:
+    """SFT cold start (paper sec. 3.2; not in the authors' code): each prompt's routed teacher samples it with
+    the ODE (evaluation settings, --sft_sample_steps), then the student takes L_FM on those samples (sft.py)."""
+    cfg, base, transformer = run.cfg, run.base, run.base.transformer
+    mine, seeds = local_batch(run, iteration)
+    sigmas = base.sigmas(cfg.sft_sample_steps)
+    stats = Stats(list(run.prompts), run.device)
+    micro_batches_per_update = run.local_images // cfg.updates // cfg.micro_batch
+    images_per_update = micro_batches_per_update * cfg.micro_batch
+    for k in range(cfg.updates):
+        loss_sum = torch.zeros((), device=run.device)
+        for start in range(k * images_per_update, (k + 1) * images_per_update, cfg.micro_batch):
+            tasks, prompts = zip(*mine[start: start + cfg.micro_batch])
+            cond = base.condition(list(prompts))
+            noise, draws = initial_noise(seeds[start: start + cfg.micro_batch], base.latent_shape, 2, run.device)
+            x0 = teacher_samples(transformer, route(tasks, run.routes), noise, sigmas, cond, cfg.guidance)
+            sigma = torch.sigmoid(draws[1].flatten(1)[:, 0])                   # logit-normal sigma, per sample
+            loss = flow_matching_loss(transformer, x0, cond, sigma, draws[0])   # [b]
+            (loss.mean() / micro_batches_per_update).backward()
+            stats.add(tasks, loss=loss.detach())
+            loss_sum += loss.detach().sum()
+        stats.norms.append(optimizer_step(run, loss_sum))
+    return stats.summary()
+
+
+# ----------------------------------------------------------------------------------------- Flow-GRPO (--algo grpo)
+
+def grpo_iteration(run, iteration: int) -> dict:
+    """One Flow-GRPO iteration: rollouts (no grad), rewards, group advantages, the training rows (all trained steps,
+    or --sampled_steps drawn uniformly per image) with the reference velocities there, then the PPO passes."""
+    mine, seeds = local_batch(run, iteration)                                   # whole groups on this rank
+    timer = {"rollout": 0.0, "reward": 0.0, "targets": 0.0, "train": 0.0, "optimizer": 0.0}
+    t0 = clock(run.device)
+    batch = student_rollout(run, mine, seeds)
+    t1 = clock(run.device)
+    batch.per_image = score(run, batch)                                         # "reward", "reward_<part>"  [N]
+    std = grpo.global_std(batch.per_image["reward"])
+    advantage = grpo.group_advantages(batch.per_image["reward"], run.cfg.group_size, std).to(run.device)
+    batch.per_image |= {"advantage": advantage, "advantage_abs": advantage.abs()}
+    t2 = clock(run.device)
+    rows = draw_rows(run, seeds)
+    rows.targets["base"] = velocities_at_rows(run, [run.anchor] * len(rows), batch, rows)
+    timer |= {"rollout": t1 - t0, "reward": t2 - t1, "targets": clock(run.device) - t2}
+
+    stats = Stats(list(run.prompts), run.device)
+    train_passes(run, batch, rows, grpo_step_loss, stats, timer)               # steps 4-5, as OPD's
+    return stats.summary() | {"reward_std": float(std)} | {f"seconds_{k}": v for k, v in timer.items()}
+
+
+def score(run, batch) -> dict:
+    """Rewards of the decoded final images, --micro_batch images per decode.  -> "reward" and, for a weighted
+    sum, "reward_<key>" -> [N] on the run's device"""
+    size, parts = run.cfg.micro_batch, []
+    for start in range(0, len(batch.tasks), size):
+        images = run.base.decode(batch.x[-1, start: start + size])              # x_T -> images
+        cut = slice(start, start + size)
+        metadata = [getattr(p, "metadata", None) for p in batch.prompts[cut]]  # each prompt's .jsonl line or None
+        parts.append(run.reward(images, batch.prompts[cut], batch.tasks[cut], metadata))  # r_i, {part: r_i}
+    reward = torch.cat([r for r, _ in parts])
+    named = {f"reward_{k}": torch.cat([p[k] for _, p in parts]) for k in parts[0][1]} if len(parts[0][1]) > 1 else {}
+    return {k: v.to(run.device) for k, v in ({"reward": reward} | named).items()}
+
+
+def grpo_step_loss(run, batch, rows):
+    """Student forward at the rows' (x_j, sigma_j) with grad; K_j to the reference; the PPO clip loss.
+    -> loss [r], {kl_base, ratio metrics (ratio_terms), advantage, rewards: [r]}, {maxima}"""
+    cfg = run.cfg
+    v_student, log_prob = student_step(run, batch, rows)
+    kl_base = step_kl(v_student, rows.targets["base"], run.kl_w[rows.step])    # K_j(S, base)  [r]
+    log_prob_old, logged, peaks = ratio_terms(run, batch, rows, log_prob)
+    per_image = {name: value[rows.image] for name, value in batch.per_image.items()}   # advantage, rewards  [r]
+    loss = grpo.grpo_loss(per_image["advantage"], log_prob, log_prob_old, kl_base, cfg.beta, cfg.clip_range)
+    return loss, {"kl_base": kl_base.detach()} | logged | per_image, peaks     # per-image values: their mean
+
+
+ALGOS = {"opd": opd_iteration, "sft": sft_iteration, "grpo": grpo_iteration}
 
 
 # ----------------------------------------------------------------------------------------- main

@@ -1,5 +1,5 @@
-"""grpo.py: group advantages and the PPO clip against closed forms, the GRPO-Mix reward, and train.py --algo grpo
-end to end on the toy base (1 process, and 2 gloo processes against 1)."""
+"""grpo.py: group advantages and the PPO clip against closed forms, the GRPO-Mix reward; train.grpo_iteration
+(train.py --algo grpo) end to end on the toy base (1 process, and 2 gloo processes against 1)."""
 import json
 import math
 import socket
