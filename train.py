@@ -98,7 +98,7 @@ class Config:
     images_per_iteration: int = 256    # student rollouts per iteration, all ranks together
     group_size: int = 16               # images per prompt
     updates: int = 2                   # optimizer updates per iteration (each on an equal share of the images)
-    micro_batch: int = 8               # images per forward, per rank
+    micro_batch: int = 8               # images per forward, per rank (sft; the default of the two below)
     target_batch: int = 0              # (state, image) rows per no-grad forward (rollout, targets); 0 = micro_batch
     train_batch: int = 0               # (state, image) rows per student forward with grad (opd, grpo); 0 = micro_batch
     sampled_steps: int = 0             # k trained steps drawn per image, unbiased (opd_loss.py); 0 = all (dense)
