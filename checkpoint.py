@@ -107,7 +107,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def student_state(transformer) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in transformer.named_parameters() if ".student." in n}
+    """Copies of the student's LoRA tensors, on their device: no blocking device-to-host copy per tensor (a snapshot
+    is taken every iteration; torch.save moves them to the host only when one is written; load maps to the CPU)."""
+    return {n: p.detach().clone() for n, p in transformer.named_parameters() if ".student." in n}
 
 
 def snapshot(run, iteration: int) -> dict | None:
@@ -120,7 +122,7 @@ def snapshot(run, iteration: int) -> dict | None:
         return None
     ema_state = None
     if run.ema is not None:
-        ema_state = {"step": run.ema.step, "weights": {n: w.detach().cpu().clone() for n, w in
+        ema_state = {"step": run.ema.step, "weights": {n: w.detach().clone() for n, w in
                                                        zip(ema.names(run.base.transformer), run.ema.weights)}}
     return {"iteration": iteration, "next_iteration": iteration + 1, "seed": run.cfg.seed,
             "student": student_state(run.base.transformer), "optimizer": copy_tensors(run.optimizer.state_dict()),
