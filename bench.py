@@ -150,7 +150,7 @@ def teacher_precision_ratio(model_config: dict, latent: int, device, micro_batch
         for repeat in range(2):                                                 # the first pass warms up
             torch.cuda.synchronize() if device.type == "cuda" else None
             start = time.perf_counter()
-            target_velocities(base.transformer, ["teacher_ocr"] * rows, states, sigmas, cond, image, 4.5, micro_batch)
+            target_velocities(base, ["teacher_ocr"] * rows, states, sigmas, cond, image, 4.5, micro_batch)
             torch.cuda.synchronize() if device.type == "cuda" else None
             seconds[name] = time.perf_counter() - start
         del base

@@ -13,6 +13,7 @@ gathered, and the task mean is the same on every rank. Sigma runs 1 -> 0 (dt < 0
 Below both entry points (evaluate.py, train.py): it imports neither.
 Demo: python evaluate.py --lora opd=out/opd/lora.safetensors   (toy world: its test prompts, 40 ODE steps)
 """
+from functools import partial
 from pathlib import Path
 from statistics import fmean
 
@@ -34,7 +35,7 @@ def generate(base, prompts: list[str], seeds: list[int], steps: int, guidance: f
     for start in range(0, len(prompts), batch):
         cond = base.condition(prompts[start: start + batch])
         x0, _ = initial_noise(seeds[start: start + batch], base.latent_shape, 0, base.device)
-        images.append(base.decode(sample_ode(base.transformer, cond, x0, sigmas, guidance)).cpu())
+        images.append(base.decode(sample_ode(partial(base.velocity, guidance=guidance), cond, x0, sigmas)).cpu())
     return torch.cat(images) if images else torch.empty(0)
 
 

@@ -1,15 +1,28 @@
-"""The base model: an SD3 transformer plus what the method needs around it (text encoding, decoding, schedule).
+"""The base model: everything that depends on the model family, in one place (the seam the loop calls).
 
-A `Base` gives the transformer, `condition(prompts)` (prompt embeddings with the negative prompt "",
-cached per unique prompt), `decode(latents) -> images in [0, 1]`, the latent shape and the scheduler's
-sigmas (sigma runs 1 -> 0, see sde_sampler.py). Two kinds of base:
+A `Base` gives the loop all it needs of the model, and nothing else calls the transformer's forward:
+    - `velocity(x, sigma, cond, guidance) -> float32 [B,C,H,W]`: a batch of latents, sigmas and a condition
+      to a velocity, guidance included (SD3: CFG, v = v_uncond + g (v_cond - v_uncond), negative prompt "",
+      uncond and cond rows in one batched forward, bf16 autocast for a bf16 base; guidance None = the
+      conditional velocity alone, one forward, for the flow-matching loss of sft.py);
+    - `condition(prompts)` (prompt embeddings with the negative prompt "", each unique prompt encoded once,
+      cached);
+    - `decode(latents) -> images in [0, 1]`;
+    - `latent_shape` (C, h, w) and `sigmas(steps)`, the scheduler's sigmas (sigma runs 1 -> 0, see sde_sampler.py).
+The sampler (sde_sampler.py) takes `velocity` as a callable; teachers.py, train.py, heldout.py and sft.py
+call the base. Adapters (peft, on `Base.transformer`) are switched by teachers.use_adapter. Two kinds of
+SD3 base today:
     - a diffusers SD3 folder, loaded with StableDiffusion3Pipeline.from_pretrained (SD3.5-Medium for
       real use; tiny folders in the tests); T5 truncated to `max_sequence_length` tokens (128 in Flow-GRPO)
-    - the toy world's base (toy_model.py), when no folder is given.
+    - the toy world's base (toy_model.py, an SD3 transformer in pixel space: the same SD3 velocity), when
+      no folder is given.
+A second family (FLUX.1, issue 19) plugs in by providing these: its own loader and velocity (its packed
+latents, position ids and guidance embedding), encoder, decoder, latent shape and sigmas.
 The transformer is frozen and in eval mode; LoRA adapters are added on top (teachers.py, train.py).
 
 Demo: python -c "import models; b = models.load_base('path/to/sd3.5-medium', 'cuda'); print(b.latent_shape)"
 """
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,12 +66,53 @@ class Base:
         (embeds, pooled), (neg_embeds, neg_pooled) = self.encode(prompts), self.encode([""])
         return Condition(embeds, pooled, neg_embeds, neg_pooled)
 
+    def velocity(self, x, sigma, cond: Condition, guidance: float | None) -> torch.Tensor:
+        """The velocity at (x, sigma), guidance included (sd3_velocity).  x: [B,C,H,W], sigma: [B] -> float32 [B,C,H,W]"""
+        return sd3_velocity(self.transformer, x, sigma, cond, guidance)
+
     def sigmas(self, steps: int) -> torch.Tensor:
         return shifted_sigmas(steps, self.shift)
 
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
+
+
+def sd3_velocity(transformer, x, sigma, cond: Condition, guidance: float | None) -> torch.Tensor:
+    """SD3's velocity (the transformer's `timestep` is 1000 * sigma). CFG with guidance g:
+    v = v_uncond + g (v_cond - v_uncond), negative prompt "", uncond and cond rows in one call; guidance None:
+    the conditional velocity alone, one forward (the flow-matching loss).
+    x: [B,C,H,W], sigma: [B] -> float32 [B,C,H,W]"""
+    n, dtype = x.shape[0], base_weight(transformer).dtype
+    embeds, pooled = cond.embeds, cond.pooled
+    if guidance is not None:                                                    # rows: uncond then cond
+        x, sigma = torch.cat([x, x]), sigma.repeat(2)
+        embeds = torch.cat([cond.neg_embeds.expand(n, -1, -1), embeds])
+        pooled = torch.cat([cond.neg_pooled.expand(n, -1), pooled])
+    with autocast(transformer):
+        v = transformer(hidden_states=x.to(dtype), timestep=(1000 * sigma).to(dtype),
+                        encoder_hidden_states=embeds.to(dtype), pooled_projections=pooled.to(dtype),
+                        return_dict=False)[0].float()
+    if guidance is None:
+        return v
+    v_uncond, v_cond = v.chunk(2)
+    return v_uncond + guidance * (v_cond - v_uncond)                            # CFG
+
+
+def base_weight(transformer) -> torch.Tensor:
+    """The patch embedding's weight: its dtype and device are the base's.  (diffusers' `transformer.dtype` and
+    `.device` walk every submodule on each call, tens of ms per forward with LoRA adapters attached.)"""
+    return transformer.pos_embed.proj.weight
+
+
+def autocast(transformer):
+    """bf16 autocast when the base runs in bf16, so fp32 LoRA weights meet bf16 activations without fp32 copies
+    of every LoRA input (train.add_student turns peft's input casting off); for an fp32 base no context at all
+    (a disabled torch.autocast would switch off a caller's autocast, e.g. the toy build's bf16 pre-training)."""
+    weight = base_weight(transformer)
+    if weight.dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(weight.device.type, dtype=weight.dtype)
 
 
 def too_long(pipe, prompt: str, max_sequence_length: int) -> bool:

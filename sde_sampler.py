@@ -2,8 +2,9 @@
 
 Conventions (diffusers / SD3 flow matching):
     x_sigma = (1 - sigma) * x0 + sigma * eps,   velocity v = eps - x0,   sigma runs 1 -> 0,
-    dt_j = sigma_{j+1} - sigma_j < 0,           the transformer's `timestep` is 1000 * sigma.
-    CFG: v = v_uncond + g * (v_cond - v_uncond), negative prompt "", both rows in one batched call.
+    dt_j = sigma_{j+1} - sigma_j < 0.
+The velocity is a callable `velocity(x, sigma, cond) -> float32 v` that the base provides, guidance included
+(models.Base.velocity; SD3: CFG, v = v_uncond + g * (v_cond - v_uncond)): this module never calls a model.
 
 The SDE step (Flow-GRPO eq. 9, noise level a = 0.7), for step j from sigma_j to sigma_{j+1}:
     s_j     = a * sqrt(sigma_j / (1 - sigma~_j)),   sigma~_j = sigmas[1] if sigma_j == 1 else sigma_j
@@ -12,7 +13,7 @@ The SDE step (Flow-GRPO eq. 9, noise level a = 0.7), for step j from sigma_j to 
     x_{j+1} = mean_j + std_j * noise
     log pi(x_{j+1} | x_j) = log N(x_{j+1}; mean_j, std_j^2 I), a per-element MEAN over C*H*W
 With a = 0 the step is diffusers' Euler step x + dt * v. All SDE math runs in float32, whatever dtype
-the transformer runs in. Noise is an argument (drawn from explicit per-sample seeds), so a rollout is a
+the model runs in. Noise is an argument (drawn from explicit per-sample seeds), so a rollout is a
 function of its seeds alone: the same global batch gives the same trajectories on 1 or N processes.
 
 Deviation from the authors' code: none in the math. The per-element mean of the log-density is kept
@@ -20,7 +21,6 @@ Deviation from the authors' code: none in the math. The per-element mean of the 
 
 Demo: python -c "import sde_sampler as s, torch; print(s.transition_std(s.shifted_sigmas(10, 3.0), 0.7))"
 """
-import contextlib
 from dataclasses import dataclass
 import math
 
@@ -100,36 +100,6 @@ def _bcast(t, like):
     return t.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def cfg_velocity(transformer, x, sigma, cond: Condition, guidance: float) -> torch.Tensor:
-    """v = v_uncond + g (v_cond - v_uncond), uncond and cond rows in one call.  x: [B,C,H,W], sigma: [B] -> float32 [B,C,H,W]"""
-    n, dtype = x.shape[0], base_weight(transformer).dtype
-    with autocast(transformer):
-        v_uncond, v_cond = transformer(
-            hidden_states=torch.cat([x, x]).to(dtype),
-            timestep=(1000 * sigma).repeat(2).to(dtype),
-            encoder_hidden_states=torch.cat([cond.neg_embeds.expand(n, -1, -1), cond.embeds]).to(dtype),
-            pooled_projections=torch.cat([cond.neg_pooled.expand(n, -1), cond.pooled]).to(dtype),
-            return_dict=False,
-        )[0].float().chunk(2)
-    return v_uncond + guidance * (v_cond - v_uncond)
-
-
-def base_weight(transformer) -> torch.Tensor:
-    """The patch embedding's weight: its dtype and device are the base's.  (diffusers' `transformer.dtype` and
-    `.device` walk every submodule on each call, tens of ms per forward with LoRA adapters attached.)"""
-    return transformer.pos_embed.proj.weight
-
-
-def autocast(transformer):
-    """bf16 autocast when the base runs in bf16, so fp32 LoRA weights meet bf16 activations without fp32 copies
-    of every LoRA input (train.add_student turns peft's input casting off); for an fp32 base no context at all
-    (a disabled torch.autocast would switch off a caller's autocast, e.g. the toy build's bf16 pre-training)."""
-    weight = base_weight(transformer)
-    if weight.dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(weight.device.type, dtype=weight.dtype)
-
-
 def initial_noise(seeds: list[int], shape, steps: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample noise from per-sample seeds: x_0 [B, *shape] and the step noises [T, B, *shape], float32."""
     draws = []
@@ -141,15 +111,16 @@ def initial_noise(seeds: list[int], shape, steps: int, device) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def rollout(transformer, cond: Condition, x0, step_noise, sigmas, noise_level: float, guidance: float) -> Trajectory:
-    """Sample the SDE from x_0 (sigma = 1) to x_T (sigma = 0), storing states and log pi_old.  x0: [B,C,H,W]; step_noise: [T,B,C,H,W]"""
+def rollout(velocity, cond: Condition, x0, step_noise, sigmas, noise_level: float) -> Trajectory:
+    """Sample the SDE from x_0 (sigma = 1) to x_T (sigma = 0), storing states and log pi_old.
+    velocity(x, sigma, cond) -> v; x0: [B,C,H,W]; step_noise: [T,B,C,H,W]"""
     sigmas = sigmas.to(x0.device)
     s, std = sde_scale(sigmas, noise_level), transition_std(sigmas, noise_level)
     ones = torch.ones(x0.shape[0], device=x0.device)
     states, log_probs = [x0.float()], []
     for j in range(len(sigmas) - 1):
         x = states[-1]
-        v = cfg_velocity(transformer, x, sigmas[j] * ones, cond, guidance)
+        v = velocity(x, sigmas[j] * ones, cond)
         mean = sde_mean(x, v, sigmas[j] * ones, sigmas[j + 1] * ones, s[j] * ones)
         x_next = mean + std[j] * step_noise[j]                                  # x_{j+1} = mean_j + std_j * noise
         log_probs.append(gaussian_log_prob(x_next, mean, std[j] * ones))
@@ -158,12 +129,13 @@ def rollout(transformer, cond: Condition, x0, step_noise, sigmas, noise_level: f
 
 
 @torch.no_grad()
-def sample_ode(transformer, cond: Condition, x0, sigmas, guidance: float) -> torch.Tensor:
-    """Deterministic sampling (evaluation): Euler steps of the CFG velocity.  x0: [B,C,H,W] -> x at sigma = 0"""
+def sample_ode(velocity, cond: Condition, x0, sigmas) -> torch.Tensor:
+    """Deterministic sampling (evaluation): Euler steps of the (guided) velocity.
+    velocity(x, sigma, cond) -> v; x0: [B,C,H,W] -> x at sigma = 0"""
     sigmas = sigmas.to(x0.device)
     ones = torch.ones(x0.shape[0], device=x0.device)
     x = x0.float()
     for j in range(len(sigmas) - 1):
-        v = cfg_velocity(transformer, x, sigmas[j] * ones, cond, guidance)
+        v = velocity(x, sigmas[j] * ones, cond)
         x = ode_step(x, v, sigmas[j] * ones, sigmas[j + 1] * ones)
     return x

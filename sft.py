@@ -13,28 +13,25 @@ Demo: python toyworld.py build   (pre-trains the toy base with this loss)
 """
 import torch
 
-from sde_sampler import Condition, autocast, base_weight
+from sde_sampler import Condition
 
 
-def flow_matching_loss(transformer, x0, cond: Condition, sigma, noise) -> torch.Tensor:
-    """|| v(x_sigma) - (eps - x0) ||^2 per sample, mean over elements; conditional rows only (no CFG).
-    x0, noise: [B,C,H,W]; sigma: [B] -> [B]"""
+def flow_matching_loss(velocity, x0, cond: Condition, sigma, noise) -> torch.Tensor:
+    """|| v(x_sigma) - (eps - x0) ||^2 per sample, mean over elements; velocity(x, sigma, cond) -> float32 v is the
+    conditional velocity, no CFG (models.Base.velocity with guidance None).  x0, noise: [B,C,H,W]; sigma: [B] -> [B]"""
     s = sigma.view(-1, 1, 1, 1)
     x_sigma = (1 - s) * x0 + s * noise                                          # x_sigma = (1 - sigma) x0 + sigma eps
-    dtype = base_weight(transformer).dtype
-    with autocast(transformer):
-        v = transformer(hidden_states=x_sigma.to(dtype), timestep=(1000 * sigma).to(dtype),
-                        encoder_hidden_states=cond.embeds.to(dtype), pooled_projections=cond.pooled.to(dtype),
-                        return_dict=False)[0]
-    return (v.float() - (noise - x0)).pow(2).flatten(1).mean(1)                 # target v = eps - x0
+    v = velocity(x_sigma, sigma, cond)
+    return (v - (noise - x0)).pow(2).flatten(1).mean(1)                         # target v = eps - x0
 
 
-def train_flow_matching(transformer, encode, latents, prompts, optimizer, steps: int, batch_size: int, seed: int,
+def train_flow_matching(velocity, encode, latents, prompts, optimizer, steps: int, batch_size: int, seed: int,
                         null_prompt_p: float = 0.1, scheduler=None, desc: str = "flow matching") -> float:
-    """`steps` AdamW steps of L_FM on random minibatches of (latents [N,C,H,W], prompts); a prompt is replaced by
-    "" with probability `null_prompt_p` (so CFG's unconditional branch is trained). Returns the mean loss."""
+    """`steps` AdamW steps of L_FM on random minibatches of (latents [N,C,H,W] on the model's device, prompts); a
+    prompt is replaced by "" with probability `null_prompt_p` (so CFG's unconditional branch is trained).
+    velocity(x, sigma, cond) -> v: the conditional velocity (flow_matching_loss). Returns the mean loss."""
     from tqdm import tqdm
-    device = next(transformer.parameters()).device
+    device = latents.device
     generator = torch.Generator().manual_seed(seed)                            # batch rows and prompt dropout
     device_generator = torch.Generator(device).manual_seed(seed)               # sigma and noise
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -42,12 +39,12 @@ def train_flow_matching(transformer, encode, latents, prompts, optimizer, steps:
     for _ in tqdm(range(steps), desc=desc, mininterval=10, disable=steps < 20):
         rows = torch.randint(len(prompts), (batch_size,), generator=generator)
         drop = torch.rand(batch_size, generator=generator) < null_prompt_p
-        x0 = latents[rows.to(latents.device)].to(device).float()
+        x0 = latents[rows.to(device)].float()
         embeds, pooled = encode(["" if d else prompts[r] for r, d in zip(rows.tolist(), drop.tolist())])
         sigma = torch.sigmoid(torch.randn(batch_size, generator=device_generator, device=device))
         noise = torch.randn(x0.shape, generator=device_generator, device=device)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            loss = flow_matching_loss(transformer, x0, Condition(embeds, pooled, None, None), sigma, noise).mean()
+            loss = flow_matching_loss(velocity, x0, Condition(embeds, pooled, None, None), sigma, noise).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -16,6 +16,7 @@ Adapter names: "student" (trainable), "teacher_<task>", "anchor"; BASE (None) = 
 Demo: see train.py (`load_teachers`, `target_velocities`).
 """
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 import warnings
 
@@ -23,7 +24,7 @@ import torch
 from peft import LoraConfig
 
 from merge_lora import LoRA, load_lora, lora_config
-from sde_sampler import Condition, cfg_velocity, sample_ode
+from sde_sampler import Condition, sample_ode
 
 BASE = None   # adapter "name" of the bare base model
 
@@ -104,9 +105,10 @@ def route(tasks: list[str], routes: dict[str, str]) -> list[str]:
 
 
 @torch.no_grad()
-def target_velocities(transformer, adapters: list, x, sigma, cond: Condition, image, guidance: float,
+def target_velocities(base, adapters: list, x, sigma, cond: Condition, image, guidance: float,
                       chunk: int) -> torch.Tensor:
-    """CFG velocity of each row's adapter at the row's state, one pass per adapter present, `chunk` rows a forward.
+    """Guided velocity (base.velocity) of each row's adapter at the row's state, one pass per adapter present,
+    `chunk` rows a forward.
     A row is one image at one stored state (rows may mix states and images).
 
     adapters: [R] adapter names (or BASE); x: [R, C, H, W]; sigma: [R]; cond: [B] prompts; image: [R] long, the
@@ -115,19 +117,19 @@ def target_velocities(transformer, adapters: list, x, sigma, cond: Condition, im
     velocity = torch.empty_like(x, dtype=torch.float32)
     for name in dict.fromkeys(adapters):                                       # each adapter once, in order
         rows = torch.tensor([r for r, a in enumerate(adapters) if a == name], device=x.device)
-        with use_adapter(transformer, name):
+        with use_adapter(base.transformer, name):
             for part in rows.split(chunk):
-                velocity[part] = cfg_velocity(transformer, x[part], sigma[part], cond[image[part]], guidance)
+                velocity[part] = base.velocity(x[part], sigma[part], cond[image[part]], guidance)
     return velocity
 
 
 @torch.no_grad()
-def teacher_samples(transformer, adapters: list, x0, sigmas, cond: Condition, guidance: float) -> torch.Tensor:
+def teacher_samples(base, adapters: list, x0, sigmas, cond: Condition, guidance: float) -> torch.Tensor:
     """ODE samples of each sample's adapter (the SFT cold start's data), one pass per adapter present.
     adapters: [B]; x0: [B, C, H, W] noise at sigma = 1 -> float32 [B, C, H, W] at sigma = 0"""
     samples = torch.empty_like(x0, dtype=torch.float32)
     for name in dict.fromkeys(adapters):
         rows = torch.tensor([i for i, a in enumerate(adapters) if a == name], device=x0.device)
-        with use_adapter(transformer, name):
-            samples[rows] = sample_ode(transformer, cond[rows], x0[rows], sigmas, guidance)
+        with use_adapter(base.transformer, name):
+            samples[rows] = sample_ode(partial(base.velocity, guidance=guidance), cond[rows], x0[rows], sigmas)
     return samples

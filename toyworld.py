@@ -15,6 +15,7 @@ Demo:  python toyworld.py prompts data/toy     (writes {task}_{train,test}.{txt,
 import argparse
 import json
 import math
+from functools import partial
 from pathlib import Path
 import re
 
@@ -61,8 +62,9 @@ def pretrain_base(data, probe, device, max_steps: int, every: int, target: float
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 200))
     latents, prompts = (torch.cat([d[0] for d in data]).to(device), [p for d in data for p in d[1]])
     encode = lambda ps: text(tokenize(ps).to(device))  # noqa: E731
+    velocity = partial(toy_base(transformer, text, "toy").velocity, guidance=None)   # conditional: L_FM
     for step in range(every, max_steps + 1, every):
-        loss = train_flow_matching(transformer, encode, latents, prompts, optimizer, every, batch, seed=step,
+        loss = train_flow_matching(velocity, encode, latents, prompts, optimizer, every, batch, seed=step,
                                    scheduler=warmup, desc="base")
         scores, images = measure(toy_base(transformer, text, "toy"), probe)
         log({"stage": "base", "step": step, "loss": round(loss, 4), **scores})

@@ -26,6 +26,7 @@ Run:  torchrun --nproc_per_node=8 train.py --base sd3.5-medium --teachers ocr=oc
           --prompts ocr=dataset/ocr/train.txt,geneval=dataset/geneval/train_metadata.jsonl --out out/opd_sd35m
 """
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 import difflib
 import inspect
 import json
@@ -57,7 +58,7 @@ from models import load_base
 from opd_loss import (LOSSES, inclusion_probabilities, kl_weights, step_kl, step_probabilities, systematic_steps,
                       uniform_on_grid)
 from rewards import RewardError, make_reward, parse_pairs
-from sde_sampler import cfg_velocity, gaussian_log_prob, initial_noise, rollout, sde_mean, sde_scale, transition_std
+from sde_sampler import gaussian_log_prob, initial_noise, rollout, sde_mean, sde_scale, transition_std
 from sft import flow_matching_loss
 from teachers import add_adapter, load_teachers, parse_teachers, route, target_velocities, teacher_samples
 import toy_model
@@ -478,7 +479,7 @@ def add_student(transformer, cfg: Config) -> list[torch.nn.Parameter]:
         p.data = p.data.float()
         p.requires_grad_(True)
     for module in transformer.modules():                                       # fp32 LoRA on a bf16 base: autocast
-        if hasattr(module, "cast_input_dtype_enabled"):                        # (sde_sampler.autocast), not an fp32
+        if hasattr(module, "cast_input_dtype_enabled"):                        # (models.autocast), not an fp32
             module.cast_input_dtype_enabled = False                            # copy of each LoRA input per layer
     return params
 
@@ -686,8 +687,8 @@ def student_rollout(run: Run, mine: list[tuple[str, str]], seeds: list[int]) -> 
     parts = []
     for start in range(0, len(seeds), size):
         x0, noise = initial_noise(seeds[start: start + size], base.latent_shape, cfg.steps, run.device)
-        parts.append(rollout(base.transformer, cond[start: start + size], x0, noise, run.sigmas, cfg.noise_level,
-                             cfg.guidance))
+        parts.append(rollout(partial(base.velocity, guidance=cfg.guidance), cond[start: start + size], x0, noise,
+                             run.sigmas, cfg.noise_level))
     x, log_prob = torch.cat([t.x for t in parts], 1), torch.cat([t.log_prob for t in parts], 1)   # [T+1, N], [T, N]
     return Rollouts(list(tasks), list(prompts), cond, x, log_prob)
 
@@ -717,7 +718,7 @@ def velocities_at_rows(run: Run, adapters: list, batch: Rollouts, rows: Rows) ->
     """No-grad CFG velocities of `adapters` (one per row) at the rows' states x_j of the rollouts, --target_batch
     rows per forward.  -> [R, C, H, W]"""
     cfg = run.cfg
-    return target_velocities(run.base.transformer, adapters, batch.x[rows.step, rows.image], run.sigmas[rows.step],
+    return target_velocities(run.base, adapters, batch.x[rows.step, rows.image], run.sigmas[rows.step],
                              batch.cond, rows.image, cfg.guidance, cfg.target_batch or cfg.micro_batch)
 
 
@@ -775,7 +776,7 @@ def student_step(run: Run, batch: Rollouts, rows: Rows):
     -> v_student [r, C, H, W], log pi_theta(x_{j+1} | x_j) [r]"""
     cfg, sigmas, j = run.cfg, run.sigmas, rows.step
     x, x_next = batch.x[j, rows.image], batch.x[j + 1, rows.image]
-    v_student = cfg_velocity(run.base.transformer, x, sigmas[j], batch.cond[rows.image], cfg.guidance)
+    v_student = run.base.velocity(x, sigmas[j], batch.cond[rows.image], cfg.guidance)
     s, std = sde_scale(sigmas, cfg.noise_level)[j], transition_std(sigmas, cfg.noise_level)[j]
     mean = sde_mean(x, v_student, sigmas[j], sigmas[j + 1], s)
     return v_student, gaussian_log_prob(x_next, mean, std)                     # log pi_theta(x_{j+1} | x_j)
@@ -882,7 +883,7 @@ class Stats:
 def sft_iteration(run: Run, iteration: int) -> dict:
     """SFT cold start (paper sec. 3.2; not in the authors' code): each prompt's routed teacher samples it with
     the ODE (evaluation settings, --sft_sample_steps), then the student takes L_FM on those samples (sft.py)."""
-    cfg, base, transformer = run.cfg, run.base, run.base.transformer
+    cfg, base = run.cfg, run.base
     mine, seeds = local_batch(run, iteration)
     sigmas = base.sigmas(cfg.sft_sample_steps)
     stats = Stats(list(run.prompts), run.device)
@@ -894,9 +895,9 @@ def sft_iteration(run: Run, iteration: int) -> dict:
             tasks, prompts = zip(*mine[start: start + cfg.micro_batch])
             cond = base.condition(list(prompts))
             noise, draws = initial_noise(seeds[start: start + cfg.micro_batch], base.latent_shape, 2, run.device)
-            x0 = teacher_samples(transformer, route(tasks, run.routes), noise, sigmas, cond, cfg.guidance)
+            x0 = teacher_samples(base, route(tasks, run.routes), noise, sigmas, cond, cfg.guidance)
             sigma = torch.sigmoid(draws[1].flatten(1)[:, 0])                   # logit-normal sigma, per sample
-            loss = flow_matching_loss(transformer, x0, cond, sigma, draws[0])   # [b]
+            loss = flow_matching_loss(partial(base.velocity, guidance=None), x0, cond, sigma, draws[0])   # [b]
             (loss.mean() / micro_batches_per_update).backward()
             stats.add(tasks, loss=loss.detach())
             loss_sum += loss.detach().sum()

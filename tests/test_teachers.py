@@ -7,7 +7,8 @@ from safetensors.torch import save_file
 
 from conftest import random_lora, write_peft
 from merge_lora import LoRA, LoRAFileError, load_lora, lora_from_adapter, save_lora
-from sde_sampler import Condition, cfg_velocity
+from models import Base, sd3_velocity
+from sde_sampler import Condition
 from teachers import BASE, add_adapter, parse_teachers, route, target_velocities, use_adapter
 
 
@@ -83,8 +84,8 @@ def test_adapter_output_equals_merged_weights_and_base_is_restored(sd3_transform
     with torch.no_grad():
         for name, reference in (("teacher_ocr", _merged(sd3_transformer, ocr)), (BASE, sd3_transformer)):
             with use_adapter(transformer, name):
-                ours = cfg_velocity(transformer, x, sigma, cond, 4.5)
-            assert torch.allclose(ours, cfg_velocity(reference, x, sigma, cond, 4.5), atol=1e-5)
+                ours = sd3_velocity(transformer, x, sigma, cond, 4.5)
+            assert torch.allclose(ours, sd3_velocity(reference, x, sigma, cond, 4.5), atol=1e-5)
     assert transformer.active_adapters() == ["student"]                     # restored after each use
 
 
@@ -99,13 +100,14 @@ def test_mixed_batch_routing_equals_each_samples_own_teacher(sd3_transformer):
     sigmas = torch.tensor([1.0, 0.7, 0.2])
     step = torch.tensor([0, 2, 1, 1, 0, 2, 2, 0, 1])                            # rows mixing states and images
     image = torch.tensor([0, 1, 2, 3, 4, 0, 3, 2, 4])
-    velocity = target_velocities(transformer, [adapters[i] for i in image], states[step, image], sigmas[step], cond,
+    base = Base(transformer, None, None, (4, 8, 8), 3.0, "tiny")              # only its velocity is used
+    velocity = target_velocities(base, [adapters[i] for i in image], states[step, image], sigmas[step], cond,
                                  image, 4.5, chunk=2)
     assert velocity.shape == (9, 4, 8, 8)
     with torch.no_grad():
         for r, (j, i) in enumerate(zip(step.tolist(), image.tolist())):
             reference = _merged(sd3_transformer, loras[tasks[i]])
-            own = cfg_velocity(reference, states[j, [i]], sigmas[[j]], cond[[i]], 4.5)
+            own = sd3_velocity(reference, states[j, [i]], sigmas[[j]], cond[[i]], 4.5)
             assert torch.allclose(velocity[r], own[0], atol=1e-5), (tasks[i], i, j)
 
 

@@ -16,7 +16,8 @@ import torch.distributed as dist
 from conftest import ROOT, random_lora, train_error, write_peft
 from merge_lora import load_lora, save_lora
 import toy_model
-from sde_sampler import Condition, cfg_velocity
+from models import sd3_velocity
+from sde_sampler import Condition
 from teachers import add_adapter
 from train import Config, parse_config
 
@@ -87,7 +88,7 @@ def test_torchrun_trains_and_writes_a_checkpoint_diffusers_loads(sd3_folder, dat
                      torch.randn(1, 32, generator=g))
     x, sigma = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([0.9, 0.5])
     with torch.no_grad():
-        v_diffusers, v_ours, v_base = (cfg_velocity(t, x, sigma, cond, 4.5) for t in (pipe.transformer, ours, base))
+        v_diffusers, v_ours, v_base = (sd3_velocity(t, x, sigma, cond, 4.5) for t in (pipe.transformer, ours, base))
     assert torch.allclose(v_diffusers, v_ours, atol=1e-5)
     assert (v_ours - v_base).abs().max() > 1e-4
 
@@ -103,7 +104,7 @@ def test_only_student_lora_parameters_receive_gradients(sd3_folder, data, tmp_pa
     params = add_student(base.transformer, cfg)
     cond = base.condition(["a red sign", "two red cats"])
     x = torch.randn(2, 4, 8, 8)
-    v = cfg_velocity(base.transformer, x, torch.tensor([0.9, 0.4]), cond, 4.5)
+    v = base.velocity(x, torch.tensor([0.9, 0.4]), cond, 4.5)
     v.pow(2).mean().backward()
     with_grad = {n for n, p in base.transformer.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     student = {n for n, p in base.transformer.named_parameters() if ".student." in n}
