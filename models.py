@@ -16,13 +16,39 @@ SD3 base today:
       real use; tiny folders in the tests); T5 truncated to `max_sequence_length` tokens (128 in Flow-GRPO)
     - the toy world's base (toy_model.py, an SD3 transformer in pixel space: the same SD3 velocity), when
       no folder is given.
-A second family (FLUX.1, issue 19) plugs in by providing these: its own loader and velocity (its packed
-latents, position ids and guidance embedding), encoder, decoder, latent shape and sigmas.
+A second family, FLUX.1 (issue 19), plugs in through the same fields: `load_flux` (a diffusers FluxPipeline
+folder; `load_base` dispatches on model_index.json's `_class_name`) sets `Base.family_velocity = flux_velocity`
+and `Base.schedule` to FLUX's sigmas; the SD3 path leaves both None (sd3_velocity, shifted_sigmas).
+    - Latents: the sampler keeps FLUX latents UNPACKED, [B, C, h, w] (C = the VAE's 16 latent channels), and
+      flux_velocity packs them into 2x2 patches ([B, h/2 * w/2, 4C], FluxPipeline._pack_latents' layout) for the
+      forward and unpacks the velocity. Packing is a permutation of elements, so sde_sampler's per-element-mean
+      log-prob, its noise and the KL are the same numbers in either layout; `latent_shape` is (C, h, w).
+    - Position ids as the pipeline builds them: img_ids [h/2 * w/2, 3] = (0, row, col), txt_ids zeros [L, 3].
+    - Prompts: the pipeline's own encode_prompt; Condition.embeds = T5's sequence (max_sequence_length tokens),
+      Condition.pooled = CLIP's pooled output. Condition's negative rows (the "" prompt) are carried but
+      unused: FLUX has no CFG pair.
+    - Guidance: FLUX.1-dev is guidance-distilled: one forward with the guidance embedding (the transformer's
+      `guidance` argument = the guidance scale, when transformer.config.guidance_embeds), no CFG pair, no
+      negative prompt. We follow Flow-GRPO's FLUX configs (config/grpo.py, pickscore_flux*: FLUX.1-dev,
+      sample.guidance_scale = 3.5, 512 px, 6 sampling steps, 28 eval steps, no true CFG).
+    - Sigmas as FluxPipeline sets them: FlowMatchEulerDiscreteScheduler (the folder's config,
+      use_dynamic_shifting) .set_timesteps(sigmas=linspace(1, 1/T, T), mu), mu = calculate_shift of the packed
+      image sequence length h/2 * w/2 between the config's (base_image_seq_len, base_shift) and
+      (max_image_seq_len, max_shift); then a final 0.
+    - Decoding as FluxPipeline does: latents / scaling_factor + shift_factor, then the VAE.
+  Why the Flow-SDE step and the KL hold unchanged for FLUX: FLUX is trained with the same rectified-flow
+  convention as SD3, x_sigma = (1 - sigma) x0 + sigma eps with velocity v = eps - x0, and the transformer's
+  timestep is sigma itself (SD3's is 1000 sigma: both forwards take their own scaling, inside the velocity).
+  The Flow-SDE step (Flow-GRPO eq. 9) and the Gaussian KL between two policies' step means are derived from
+  that convention alone, for any decreasing grid 1 = sigma_0 > ... > sigma_T = 0; FLUX differs only in the
+  grid (the resolution-dependent exponential shift instead of SD3's fixed shift 3), which the sampler takes
+  as an argument.
 The transformer is frozen and in eval mode; LoRA adapters are added on top (teachers.py, train.py).
 
 Demo: python -c "import models; b = models.load_base('path/to/sd3.5-medium', 'cuda'); print(b.latent_shape)"
 """
 import contextlib
+import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +70,8 @@ class Base:
     shift: float                                                   # scheduler time shift (3.0 for SD3.5-M)
     name: str                                                      # identifies the base in run records
     cache_size: int = 1024                                         # prompts kept (SD3.5-M: 1.7 MB each in bf16)
+    family_velocity: Callable | None = None                        # (transformer, x, sigma, cond, guidance) -> v; None: sd3_velocity
+    schedule: Callable[[int], torch.Tensor] | None = None          # steps -> sigmas [T+1]; None: shifted_sigmas(steps, shift)
     _cache: OrderedDict = field(default_factory=OrderedDict)
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,11 +95,12 @@ class Base:
         return Condition(embeds, pooled, neg_embeds, neg_pooled)
 
     def velocity(self, x, sigma, cond: Condition, guidance: float | None) -> torch.Tensor:
-        """The velocity at (x, sigma), guidance included (sd3_velocity).  x: [B,C,H,W], sigma: [B] -> float32 [B,C,H,W]"""
-        return sd3_velocity(self.transformer, x, sigma, cond, guidance)
+        """The velocity at (x, sigma), guidance included (sd3_velocity or flux_velocity).  x: [B,C,H,W], sigma: [B] -> float32 [B,C,H,W]"""
+        return (self.family_velocity or sd3_velocity)(self.transformer, x, sigma, cond, guidance)
 
     def sigmas(self, steps: int) -> torch.Tensor:
-        return shifted_sigmas(steps, self.shift)
+        """The sampling grid, 1 -> 0.  [T+1]"""
+        return self.schedule(steps) if self.schedule is not None else shifted_sigmas(steps, self.shift)
 
     @property
     def device(self) -> torch.device:
@@ -99,9 +128,63 @@ def sd3_velocity(transformer, x, sigma, cond: Condition, guidance: float | None)
     return v_uncond + guidance * (v_cond - v_uncond)                            # CFG
 
 
+def flux_velocity(transformer, x, sigma, cond: Condition, guidance: float | None) -> torch.Tensor:
+    """FLUX.1's velocity (the transformer's `timestep` is sigma): latents packed into 2x2 patches, position ids as
+    FluxPipeline builds them, one forward; a guidance-distilled transformer (FLUX.1-dev) gets `guidance` through
+    its guidance embedding (no CFG pair, cond's negative rows unused) and needs a value; without a guidance
+    embedding (FLUX.1-schnell) guidance is ignored.
+    x: [B,C,h,w], sigma: [B] -> float32 [B,C,h,w]"""
+    n, _, h, w = x.shape
+    dtype, device = base_weight(transformer).dtype, x.device
+    embed_guidance = None
+    if transformer.config.guidance_embeds:
+        if guidance is None:
+            raise ValueError("a guidance-distilled FLUX base (FLUX.1-dev) needs a guidance scale (Flow-GRPO: 3.5)")
+        embed_guidance = torch.full([n], float(guidance), device=device)
+    rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(device, dtype)  # [h/2*w/2, 3]
+    txt_ids = torch.zeros(cond.embeds.shape[1], 3, device=device, dtype=dtype)                          # [L, 3]
+    with autocast(transformer):
+        v = transformer(hidden_states=pack(x).to(dtype), timestep=sigma.to(dtype),
+                        guidance=None if embed_guidance is None else embed_guidance.to(dtype),
+                        pooled_projections=cond.pooled.to(dtype), encoder_hidden_states=cond.embeds.to(dtype),
+                        txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0].float()
+    return unpack(v, h, w)
+
+
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """FLUX's 2x2 patch tokens.  [B,C,h,w] -> [B, h/2 * w/2, 4C], channel-major within a token"""
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, h * w // 4, 4 * c)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of pack.  [B, h/2 * w/2, 4C] -> [B,C,h,w]"""
+    n, _, c4 = tokens.shape
+    return tokens.reshape(n, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c4 // 4, h, w)
+
+
+def flux_sigmas(steps: int, scheduler_config, image_seq_len: int) -> torch.Tensor:
+    """FluxPipeline's sigmas: the folder's scheduler (use_dynamic_shifting) at sigmas linspace(1, 1/T, T) and
+    mu = base_shift + (max_shift - base_shift) (n - base_seq_len) / (max_seq_len - base_seq_len), n the packed
+    image sequence length; ending in 0.  [T+1]"""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    c = scheduler.config
+    base_len, max_len = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+    base_shift, max_shift = c.get("base_shift", 0.5), c.get("max_shift", 1.15)
+    mu = base_shift + (max_shift - base_shift) * (image_seq_len - base_len) / (max_len - base_len)   # calculate_shift
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return scheduler.sigmas.float().cpu()
+
+
 def base_weight(transformer) -> torch.Tensor:
-    """The patch embedding's weight: its dtype and device are the base's.  (diffusers' `transformer.dtype` and
-    `.device` walk every submodule on each call, tens of ms per forward with LoRA adapters attached.)"""
+    """The patch embedding's weight (SD3's pos_embed.proj, FLUX's x_embedder): its dtype and device are the base's.
+    (diffusers' `transformer.dtype` and `.device` walk every submodule on each call, tens of ms per forward with
+    LoRA adapters attached.)"""
+    if hasattr(transformer, "x_embedder"):
+        return transformer.x_embedder.weight
     return transformer.pos_embed.proj.weight
 
 
@@ -126,9 +209,12 @@ def too_long(pipe, prompt: str, max_sequence_length: int) -> bool:
 
 
 def load_base(path: str, device, dtype=torch.float32, resolution: int = 512, max_sequence_length: int = 128) -> Base:
-    """An SD3 folder (`path`), or the toy world when `path` is empty."""
+    """A diffusers SD3 or FLUX folder (`path`, by model_index.json's `_class_name`), or the toy world when `path` is empty."""
     if not path:
         return load_toy(device, dtype)
+    index = Path(path) / "model_index.json"
+    if index.is_file() and json.loads(index.read_text()).get("_class_name") == "FluxPipeline":
+        return load_flux(path, device, dtype, resolution, max_sequence_length)
     return load_sd3(path, device, dtype, resolution, max_sequence_length)
 
 
@@ -146,6 +232,49 @@ def toy_base(transformer, text_encoder, name: str) -> Base:
 
     size = toy_model.IMAGE_SIZE
     return Base(transformer, encode_prompts, toy_model.decode, (3, size, size), toy_model.SHIFT, name)
+
+
+def load_flux(path: str, device, dtype, resolution: int, max_sequence_length: int) -> Base:
+    """A diffusers FluxPipeline folder as a Base (flux_velocity, FLUX's sigmas, unpacked [C, h, w] latents; see
+    the module docstring); text encoders stay on `device` for encoding."""
+    from diffusers import FluxPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    pipe = FluxPipeline.from_pretrained(path, dtype=dtype).to(device)
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        module.requires_grad_(False).eval()
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    if resolution % (2 * vae_scale):
+        raise ValueError(f"--resolution {resolution} must be a multiple of {2 * vae_scale} for FLUX (VAE x 2x2 packing)")
+
+    def encode_prompts(prompts):
+        levels = [(log, log.get_verbosity()) for log in (diffusers_logging, transformers_logging)]
+        for log, _ in levels:
+            log.set_verbosity_error()
+        try:
+            embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=device, max_sequence_length=max_sequence_length)
+        finally:
+            for log, level in levels:
+                log.set_verbosity(level)
+        return embeds, pooled                                       # T5 [B,L,D], CLIP pooled [B,P]
+
+    def decode(latents):                                            # [B,C,h,w], unpacked
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        with torch.no_grad():
+            images = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    size = resolution // vae_scale
+    scheduler_config = dict(pipe.scheduler.config)
+
+    def schedule(steps):
+        return flux_sigmas(steps, scheduler_config, (size // 2) ** 2)
+
+    return Base(pipe.transformer, encode_prompts, decode, (pipe.transformer.config.in_channels // 4, size, size),
+                pipe.scheduler.config.shift, str(Path(path).resolve()), family_velocity=flux_velocity,
+                schedule=schedule)
 
 
 def load_sd3(path: str, device, dtype, resolution: int, max_sequence_length: int) -> Base:
