@@ -10,22 +10,22 @@ ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "sign", "that", "says", "hello", "two", "the", "on", "left"]
 
 
-def tiny_sd3_pipeline(seed: int = 0):
-    """A StableDiffusion3Pipeline with every component a few thousand parameters, from configs alone."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel,
-                              T5Tokenizer)
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
-        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, sample_size=16, shift_factor=0.0609, scaling_factor=1.5035)
-    clip = CLIPTextConfig(vocab_size=len(WORDS) + 3, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
-                          num_attention_heads=2, projection_dim=16, max_position_embeddings=77,
-                          bos_token_id=len(WORDS) + 1, eos_token_id=len(WORDS) + 2, pad_token_id=len(WORDS) + 2)
+def tiny_vae(shift_factor: float, scaling_factor: float):
+    """A two-level AutoencoderKL with 4 latent channels (its own random weights: build it after seeding)."""
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         layers_per_block=1, sample_size=16, shift_factor=shift_factor, scaling_factor=scaling_factor)
+
+
+def tiny_text_parts(clip_hidden: int, clip_layers: int):
+    """CLIP and T5 configs over WORDS, and their tokenizers built offline.  -> (clip config, t5 config, clip
+    tokenizer, t5 tokenizer)"""
+    from transformers import CLIPTextConfig, CLIPTokenizer, T5Config, T5Tokenizer
+    clip = CLIPTextConfig(vocab_size=len(WORDS) + 3, hidden_size=clip_hidden, intermediate_size=16,
+                          num_hidden_layers=clip_layers, num_attention_heads=2, projection_dim=16,
+                          max_position_embeddings=77, bos_token_id=len(WORDS) + 1, eos_token_id=len(WORDS) + 2,
+                          pad_token_id=len(WORDS) + 2)
     t5 = T5Config(vocab_size=len(WORDS) + 4, d_model=32, d_ff=37, d_kv=8, num_layers=1, num_heads=4,
                   relative_attention_num_buckets=8)
     vocab = {w + "</w>": i for i, w in enumerate(WORDS)} | {"<unk>": len(WORDS), "<|startoftext|>": len(WORDS) + 1,
@@ -33,6 +33,20 @@ def tiny_sd3_pipeline(seed: int = 0):
     clip_tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
     t5_tokenizer = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in WORDS],
                                model_max_length=512)
+    return clip, t5, clip_tokenizer, t5_tokenizer
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """A StableDiffusion3Pipeline with every component a few thousand parameters, from configs alone."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+    vae = tiny_vae(shift_factor=0.0609, scaling_factor=1.5035)
+    clip, t5, clip_tokenizer, t5_tokenizer = tiny_text_parts(clip_hidden=8, clip_layers=2)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae.eval(),
         text_encoder=CLIPTextModelWithProjection(clip).eval(), tokenizer=clip_tokenizer,

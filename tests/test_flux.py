@@ -4,7 +4,7 @@ position ids, guidance embedding and the dynamic-shift sigmas)."""
 import pytest
 import torch
 
-from conftest import WORDS
+from conftest import tiny_text_parts, tiny_vae
 import models
 import sde_sampler
 
@@ -13,30 +13,20 @@ RESOLUTION, MAX_SEQUENCE_LENGTH, GUIDANCE = 16, 16, 3.5
 
 def tiny_flux_pipeline(seed: int = 0):
     """A FluxPipeline (guidance-distilled, like FLUX.1-dev) with every component a few thousand parameters."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, sample_size=16, shift_factor=0.1159, scaling_factor=0.3611)
-    clip = CLIPTextConfig(vocab_size=len(WORDS) + 3, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                          num_attention_heads=2, projection_dim=16, max_position_embeddings=77,
-                          bos_token_id=len(WORDS) + 1, eos_token_id=len(WORDS) + 2, pad_token_id=len(WORDS) + 2)
-    t5 = T5Config(vocab_size=len(WORDS) + 4, d_model=32, d_ff=37, d_kv=8, num_layers=1, num_heads=4,
-                  relative_attention_num_buckets=8)
-    vocab = {w + "</w>": i for i, w in enumerate(WORDS)} | {"<unk>": len(WORDS), "<|startoftext|>": len(WORDS) + 1,
-                                                            "<|endoftext|>": len(WORDS) + 2}
+    vae = tiny_vae(shift_factor=0.1159, scaling_factor=0.3611)
+    clip, t5, clip_tokenizer, t5_tokenizer = tiny_text_parts(clip_hidden=16, clip_layers=1)
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096, shift=3.0)
     return FluxPipeline(
         transformer=transformer.eval(), scheduler=scheduler, vae=vae.eval(),
-        text_encoder=CLIPTextModel(clip).eval(), tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
-        text_encoder_2=T5EncoderModel(t5).eval(),
-        tokenizer_2=T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in WORDS],
-                                model_max_length=512))
+        text_encoder=CLIPTextModel(clip).eval(), tokenizer=clip_tokenizer,
+        text_encoder_2=T5EncoderModel(t5).eval(), tokenizer_2=t5_tokenizer)
 
 
 @pytest.fixture(scope="module")
