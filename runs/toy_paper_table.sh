@@ -7,18 +7,22 @@
 # error over seeds ($OUT/table.md). Independent runs go side by side on the one GPU (the toy model is launch-bound).
 # Stages, one call each, each stopped at LIMIT seconds (runs still going get SIGTERM: they checkpoint, export their
 # LoRA and exit 0, and the table's iterations column shows it):
-#   STAGE=teachers   the 3 teachers, TEACHER_ITERS iterations each (or until LIMIT)
-#   STAGE=students   merge init; per seed: GRPO-Mix, the 4 Flow-OPD rows, SFT init, the k-step rows; STUDENT_ITERS
-#                    iterations each (x 128 student images; the SFT row's cold start adds SFT_ITERS x 128 teacher
-#                    samples before it)
+#   STAGE=teachers   the geneval and ocr teachers, and one quality teacher per lr in QUALITY_LRS, TEACHER_ITERS
+#                    iterations each (or until LIMIT); the quality candidate with the best ODE quality score on the
+#                    first 128 TRAIN quality prompts becomes teacher/quality, the MAR anchor ($OUT/eval_quality_pick)
+#   STAGE=students   merge init; per seed: GRPO-Mix, the 4 Flow-OPD rows, SFT init, the k-step rows. Every row
+#                    trains the same number of iterations (x 128 student images), as many as fit in LIMIT, at most
+#                    STUDENT_ITERS: all rows first train CALIBRATE_ITERS iterations side by side; the slowest row's
+#                    seconds per iteration there sets the number ($OUT/student_iterations), and all go on to it
+#                    with --resume. (The SFT row's cold start adds SFT_ITERS x 128 teacher samples before it.)
 #   STAGE=wallclock  each k-step row goes on (--resume, a copy) to the iterations that cost the dense row's time,
 #                    at the seconds per iteration both measured side by side in the students stage
 #   STAGE=eval       evaluate.py, one process per seed (+ one for base and teachers) side by side; the table
 #   STAGE=all        (default) all four in order; or a list, e.g. STAGE="wallclock eval"
 # Hyper-parameters were chosen by runs/toy_grpo_sweep.sh on train prompts, never on the held-out ones.
-# Usage: STAGE=teachers LIMIT=570 bash runs/toy_paper_table.sh
-#        knobs: OUT STAGE LIMIT SEEDS TEACHER_ITERS QUALITY_LR STUDENT_ITERS SFT_ITERS SAMPLED_STEPS EVAL_IMAGES
-#               SMOKE EVAL_FLAGS
+# Usage: STAGE=teachers LIMIT=500 bash runs/toy_paper_table.sh
+#        knobs: OUT STAGE LIMIT SEEDS TEACHER_ITERS QUALITY_LRS STUDENT_ITERS CALIBRATE_ITERS SFT_ITERS SAMPLED_STEPS
+#               EVAL_IMAGES SMOKE EVAL_FLAGS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/toy_table}
@@ -26,8 +30,9 @@ STAGE=${STAGE:-all}
 LIMIT=${LIMIT:-0}                # seconds after which a stage's runs still going get SIGTERM; 0 = none
 SEEDS=${SEEDS:-0 1 2}            # student seeds: every student row is trained once per seed
 TEACHER_ITERS=${TEACHER_ITERS:-600}
-QUALITY_LR=${QUALITY_LR:-3e-4}
-STUDENT_ITERS=${STUDENT_ITERS:-100}
+QUALITY_LRS=${QUALITY_LRS:-3e-4 1e-3}   # quality teacher candidates, picked on train prompts (above)
+STUDENT_ITERS=${STUDENT_ITERS:-300}      # the most iterations a student row trains (fewer when LIMIT is short)
+CALIBRATE_ITERS=${CALIBRATE_ITERS:-8}    # the first iterations, side by side, that time the rows
 SFT_ITERS=${SFT_ITERS:-10}
 SAMPLED_STEPS=${SAMPLED_STEPS:-1 2}   # k of the --sampled_steps rows; "" = no such rows
 EVAL_IMAGES=${EVAL_IMAGES:-4}    # images per held-out prompt
@@ -35,8 +40,8 @@ SMOKE=${SMOKE:-}                 # extra train.py flags for every run, e.g. a ti
 EVAL_FLAGS=${EVAL_FLAGS:-}       # extra evaluate.py flags, e.g. --max_prompts 4 --steps 4
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # many processes share the CPU: one thread each for the rewards
 BATCH="--images_per_iteration 128 --micro_batch 64 --eval_every 0"    # evaluate.py scores every row at the end
-# chosen by runs/toy_grpo_sweep.sh on train prompts: clip 1e-4, beta 0.04; lr 1e-3 (quality, the MAR anchor:
-# QUALITY_LR, 3e-4 in round 2 for the old quality reward; round 3 picks it for the new one)
+# chosen by runs/toy_grpo_sweep.sh on train prompts: clip 1e-4, beta 0.04, lr 1e-3 (the quality teacher's lr is
+# picked among QUALITY_LRS by the teachers stage, on train prompts)
 GRPO="--algo grpo $BATCH --group_size 16 --lr 1e-3 --clip_range 1e-4 --beta 0.04"
 T=$OUT/teacher
 teachers="geneval=$T/geneval/lora.safetensors,ocr=$T/ocr/lora.safetensors"
@@ -57,32 +62,67 @@ if stage teachers; then
     for task in geneval ocr; do
         train teacher/$task --overwrite $GRPO --reward toy_$task --iterations "$TEACHER_ITERS"
     done
-    train teacher/quality --overwrite $GRPO --reward toy_quality --lr "$QUALITY_LR" --iterations "$TEACHER_ITERS"
+    for lr in $QUALITY_LRS; do
+        train teacher/quality_lr$lr --overwrite $GRPO --reward toy_quality --lr "$lr" --iterations "$TEACHER_ITERS"
+    done
     wait_all
-    echo "stage teachers: ${SECONDS} s"
+    # the quality teacher: the candidate with the best ODE score on TRAIN quality prompts (never the held-out ones)
+    candidates=$(for lr in $QUALITY_LRS; do printf 'quality_lr%s=%s,' "$lr" "$T/quality_lr$lr/lora.safetensors"; done)
+    python evaluate.py --skip_base --lora "${candidates%,}" --prompts quality=toy/quality_train.txt --max_prompts 128 \
+        --out "$OUT/eval_quality_pick" $EVAL_FLAGS >"$OUT/eval_quality_pick.log" 2>&1
+    best=$(python -c 'import json, sys; t = json.load(open(sys.argv[1]))["table"]; print(max(t, key=lambda r: t[r]["quality"]))' \
+        "$OUT/eval_quality_pick/results.json")
+    rm -rf "${T:?}/quality" && cp -r "$T/$best" "$T/quality"
+    echo "stage teachers: ${SECONDS} s (quality teacher: $best)"
 fi
 
 if stage students; then
     python merge_lora.py "$T/geneval/lora.safetensors" "$T/ocr/lora.safetensors" --method ab-mean \
         --out "$OUT/merge_init.safetensors"
-    for s in $SEEDS; do
-        # baseline: GRPO-Mix, each prompt scored by its own task's reward, plus quality at 0.2 (the paper's DeQA)
-        train grpo_mix_s$s --overwrite --seed "$s" $GRPO --task_rewards geneval=toy_geneval,ocr=toy_ocr \
-            --reward toy_quality=0.2 --iterations "$STUDENT_ITERS"
-        train opd_merge_mar_s$s --overwrite --seed "$s" $OPD --iterations "$STUDENT_ITERS"
-        train opd_merge_no_mar_s$s --overwrite --seed "$s" $OPD --beta 0 --iterations "$STUDENT_ITERS"
-        train opd_fresh_mar_s$s --overwrite --seed "$s" --teachers "$teachers" $BATCH --anchor "$anchor" \
-            --iterations "$STUDENT_ITERS"
-        for k in $SAMPLED_STEPS; do
-            train opd_merge_mar_k${k}_s$s --overwrite --seed "$s" $OPD --sampled_steps "$k" --iterations "$STUDENT_ITERS"
+    # every student row to --iterations $1, with the flags after it (--overwrite: start; --resume: go on)
+    students() {
+        n=$1; shift
+        for s in $SEEDS; do
+            # baseline: GRPO-Mix, each prompt scored by its own task's reward, plus quality at 0.2 (the paper's DeQA)
+            train grpo_mix_s$s "$@" --seed "$s" $GRPO --task_rewards geneval=toy_geneval,ocr=toy_ocr \
+                --reward toy_quality=0.2 --iterations "$n"
+            train opd_merge_mar_s$s "$@" --seed "$s" $OPD --iterations "$n"
+            train opd_merge_no_mar_s$s "$@" --seed "$s" $OPD --beta 0 --iterations "$n"
+            train opd_fresh_mar_s$s "$@" --seed "$s" --teachers "$teachers" $BATCH --anchor "$anchor" --iterations "$n"
+            for k in $SAMPLED_STEPS; do
+                train opd_merge_mar_k${k}_s$s "$@" --seed "$s" $OPD --sampled_steps "$k" --iterations "$n"
+            done
+            if [[ $1 == --overwrite ]]; then   # the SFT init first, once, then its Flow-OPD row
+                (python train.py --overwrite --seed "$s" --algo sft --teachers "$teachers" $BATCH --iterations "$SFT_ITERS" \
+                     $SMOKE --out "$OUT/sft_init_s$s" >"$OUT/sft_init_s$s.log" 2>&1 &&
+                 timeout --preserve-status -s TERM "$(left)" python train.py --overwrite --seed "$s" --teachers "$teachers" \
+                     $BATCH --init_lora "$OUT/sft_init_s$s/lora.safetensors" --anchor "$anchor" --iterations "$n" \
+                     $SMOKE --out "$OUT/opd_sft_mar_s$s" >"$OUT/opd_sft_mar_s$s.log" 2>&1) & pids+=($!)
+            else
+                train opd_sft_mar_s$s "$@" --seed "$s" --teachers "$teachers" $BATCH \
+                    --init_lora "$OUT/sft_init_s$s/lora.safetensors" --anchor "$anchor" --iterations "$n"
+            fi
         done
-        (python train.py --overwrite --seed "$s" --algo sft --teachers "$teachers" $BATCH --iterations "$SFT_ITERS" \
-             $SMOKE --out "$OUT/sft_init_s$s" >"$OUT/sft_init_s$s.log" 2>&1 &&
-         timeout --preserve-status -s TERM "$(left)" python train.py --overwrite --seed "$s" --teachers "$teachers" \
-             $BATCH --init_lora "$OUT/sft_init_s$s/lora.safetensors" --anchor "$anchor" --iterations "$STUDENT_ITERS" \
-             $SMOKE --out "$OUT/opd_sft_mar_s$s" >"$OUT/opd_sft_mar_s$s.log" 2>&1) & pids+=($!)
-    done
-    wait_all
+        wait_all
+    }
+    students "$CALIBRATE_ITERS" --overwrite
+    # as many iterations as the slowest row fits in what is left of LIMIT (25 s for the restart, 10 % to spare)
+    iterations=$(python - "$OUT" "$(left)" "$CALIBRATE_ITERS" "$STUDENT_ITERS" "$LIMIT" <<'EOF'
+import json, sys
+from pathlib import Path
+out, left, done, most, limit = Path(sys.argv[1]), *map(int, sys.argv[2:])
+def per_iteration(log):            # median seconds per iteration after the first (which warms up)
+    lines = log.read_text().splitlines()
+    seconds = sorted(json.loads(line)["seconds"] for line in lines[1:] or lines)
+    return seconds[len(seconds) // 2]
+runs = [log for log in out.glob("*_s[0-9]*/metrics.jsonl") if not log.parent.name.startswith("sft_init")]
+fit = done + int((left - 25) / (1.1 * max(map(per_iteration, runs)))) if limit else most
+print(max(done, min(most, fit)))
+EOF
+)
+    echo "$iterations" > "$OUT/student_iterations"
+    echo "students: $CALIBRATE_ITERS iterations in ${SECONDS} s; every row goes on to $iterations"
+    students "$iterations" --resume
     echo "stage students: ${SECONDS} s"
 fi
 
