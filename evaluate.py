@@ -203,9 +203,9 @@ def resolve_jobs(cfg: EvalConfig) -> tuple[dict, dict]:
 
 
 def main(argv: list[str]) -> None:
-    values = parse_flags(EvalConfig, argv)
-    defaults = {k: v for k, v in family_defaults(values.get("base", "")).items() if k in {f.name for f in fields(EvalConfig)}}
-    cfg = EvalConfig(**(defaults | values))                 # a FLUX folder: its guidance (models.family_defaults)
+    values, names = parse_flags(EvalConfig, argv), {f.name for f in fields(EvalConfig)}
+    defaults = {k: v for k, v in family_defaults(values.get("base", "")).items() if k in names}   # FLUX: its guidance
+    cfg = EvalConfig(**(defaults | values))
     check_limits(cfg, LIMITS)
     check_out_folder(Path(cfg.out), "table.md, results.json, grid.png")
     checkpoint.check_out(Path(cfg.out))

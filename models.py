@@ -98,7 +98,7 @@ def family_defaults(path: str) -> dict:
 
 @dataclass
 class Base:
-    transformer: torch.nn.Module                                   # SD3Transformer2DModel, frozen
+    transformer: torch.nn.Module                                   # SD3 or FLUX transformer (diffusers), frozen
     encode_prompts: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # -> embeds [B,L,D], pooled [B,P]
     decode: Callable[[torch.Tensor], torch.Tensor]                 # latents [B,C,h,w] -> images [B,3,H,W] in [0,1]
     latent_shape: tuple[int, int, int]                             # (C, h, w)
@@ -107,7 +107,7 @@ class Base:
     cache_size: int = 1024                                         # prompts kept (SD3.5-M: 1.7 MB each in bf16)
     family_velocity: Callable | None = None                        # (transformer, x, sigma, cond, guidance) -> v; None: sd3_velocity
     schedule: Callable[[int], torch.Tensor] | None = None          # steps -> sigmas [T+1]; None: shifted_sigmas(steps, shift)
-    embedded_guidance: bool = False                                # guidance is a transformer input (FLUX.1-dev), no CFG pair
+    embedded_guidance: bool = False                                # guidance is an input (FLUX.1-dev): no CFG pair
     _cache: OrderedDict = field(default_factory=OrderedDict)
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,7 +49,7 @@ def add_adapter(transformer, lora: LoRA, name: str, source: str = "") -> None:
 def check_fits(transformer, lora: LoRA, name: str, source: str) -> None:
     """Every module of `lora` a linear layer of the base, of the base's shape; else one line naming the file and the
     first module that does not fit, and both families when the LoRA's module names tell another family than the
-    base's (models.lora_family: an SD3 LoRA on a FLUX base, a FLUX LoRA on an SD3 base)."""
+    base's (merge_lora.lora_family: an SD3 LoRA on a FLUX base, a FLUX LoRA on an SD3 base)."""
     modules = dict(transformer.named_modules())
     for module, a in lora.A.items():
         base, misfit = modules.get(module), None
@@ -63,7 +63,7 @@ def check_fits(transformer, lora: LoRA, name: str, source: str) -> None:
         if misfit is None:
             continue
         family, base_family = lora_family(lora.A), TRANSFORMER_FAMILIES.get(type(transformer).__name__)
-        if family not in (None, base_family) and base_family is not None:
+        if None not in (family, base_family) and family != base_family:
             raise ValueError(f"{role(name)} {source} targets {family} modules ({misfit}) but the base is "
                              f"{base_family}: give LoRAs trained on this base")
         raise ValueError(f"LoRA {source}: {misfit} (a LoRA for another model?)")

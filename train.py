@@ -24,6 +24,8 @@ advantages, loss and rewards in grpo.py). This file reads top to bottom: config,
 
 Run:  torchrun --nproc_per_node=8 train.py --base sd3.5-medium --teachers ocr=ocr_lora,geneval=geneval_lora \
           --prompts ocr=dataset/ocr/train.txt,geneval=dataset/geneval/train_metadata.jsonl --out out/opd_sd35m
+FLUX.1: --base a FluxPipeline folder (e.g. FLUX.1-dev); its defaults are Flow-GRPO's FLUX LoRA targets (attention and
+the double-stream MLPs, models.FLUX_TARGETS) and guidance 3.5 (the guidance embedding; no CFG pair).
 """
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial

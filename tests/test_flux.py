@@ -110,7 +110,7 @@ def test_flux_guidance_matters_and_is_required(flux):
 
 # ----------------------------------------------------------------------------------------- LoRA files
 
-FLUX_MODULES = 15     # the tiny FLUX under FLUX_TARGETS: 8 attention + 4 MLP projections (double), attn.to_q/k/v (single)
+FLUX_MODULES = 15     # tiny FLUX under FLUX_TARGETS: 8 attention + 4 MLP projections (double), attn.to_q/k/v (single)
 TRAIN = ["--resolution", RESOLUTION, "--max_sequence_length", MAX_SEQUENCE_LENGTH, "--steps", "3", "--train_steps", "2",
          "--images_per_iteration", "4", "--group_size", "2", "--micro_batch", "2", "--updates", "1", "--rank", "2",
          "--alpha", "4", "--lr", "1e-2"]
@@ -118,7 +118,7 @@ TRAIN = ["--resolution", RESOLUTION, "--max_sequence_length", MAX_SEQUENCE_LENGT
 
 @pytest.fixture(scope="module")
 def flux_files(flux, tmp_path_factory) -> dict:
-    """Two FLUX teachers: ocr a peft folder (Flow-GRPO's layout), geneval our diffusers-keyed file; a prompt file each."""
+    """Two FLUX teachers, ocr a peft folder (Flow-GRPO's layout) and geneval our diffusers-keyed file; their prompts."""
     _, base = flux
     folder, targets = tmp_path_factory.mktemp("flux_loras"), FLUX_TARGETS.split(",")
     ocr = write_peft(random_lora(base.transformer, 1, targets=targets), folder / "ocr")
@@ -154,7 +154,7 @@ def test_flux_defaults_and_every_lora_format_give_peft_deltas(flux, sd3_folder, 
     folder, base = flux
     cfg = train.parse_config(["--base", str(folder)])
     assert (cfg.targets, cfg.guidance) == (FLUX_TARGETS, 3.5)                    # Flow-GRPO's FLUX LoRA and guidance
-    assert train.parse_config(["--base", str(folder), "--targets", "attn.to_q", "--guidance", "2"]).targets == "attn.to_q"
+    assert train.parse_config(["--base", str(folder), "--targets", "attn.to_q"]).targets == "attn.to_q"   # flags win
     sd3 = train.parse_config(["--base", str(sd3_folder)])
     assert (sd3.targets, sd3.guidance) == (SD3_TARGETS, 4.5) and train.parse_config([]).targets == SD3_TARGETS
 
@@ -181,8 +181,7 @@ def test_flux_defaults_and_every_lora_format_give_peft_deltas(flux, sd3_folder, 
     assert_loads_in_flux_pipeline(base.transformer, tmp_path / "ours.safetensors")
 
 
-def test_a_lora_of_the_other_family_is_refused_in_one_line(flux, flux_files, sd3_folder, sd3_transformer, teacher_files,
-                                                           tmp_path, capsys):
+def test_a_lora_of_the_other_family_is_refused_in_one_line(flux, flux_files, sd3_folder, teacher_files, tmp_path, capsys):
     folder, base = flux
     sd3_lora, flux_lora, prompts = teacher_files["pick"], flux_files["geneval"], flux_files["folder"] / "ocr.txt"
     on_sd3 = ["--base", sd3_folder, "--prompts", f"ocr={prompts}", "--out", tmp_path / "a", *SMALL]
@@ -234,7 +233,7 @@ def test_merge_sft_grpo_and_evaluate_run_on_flux(flux, flux_files, tmp_path):
     assert base.conditional_guidance(GUIDANCE) == GUIDANCE                       # L_FM at the guidance embedding
     assert models.Base(None, None, None, (4, 8, 8), 3.0, "sd3").conditional_guidance(4.5) is None   # SD3: no CFG
     merged = tmp_path / "merged.safetensors"
-    merge_lora.main([str(flux_files["ocr"]), str(flux_files["geneval"]), "--method", "delta-mean", "--out", str(merged)])
+    merge_lora.main([str(flux_files[t]) for t in ("ocr", "geneval")] + ["--method", "delta-mean", "--out", str(merged)])
     assert_loads_in_flux_pipeline(base.transformer, merged)
 
     common = ["--base", folder, "--prompts", flux_files["prompts"], *TRAIN, "--iterations", "1"]
@@ -246,7 +245,7 @@ def test_merge_sft_grpo_and_evaluate_run_on_flux(flux, flux_files, tmp_path):
         assert line["iteration"] == 1 and line[key] > 0 and line["grad_norm"] > 0, (run, line)
     assert load_lora(tmp_path / "sft" / "lora.safetensors").rank == 6             # the merge's 4 + 2
     in_world_of_one(evaluate.main, ["--base", folder, "--prompts", f"ocr={flux_files['folder'] / 'ocr.txt'}",
-                                    "--rewards", "ocr=brightness", "--lora", f"sft={tmp_path / 'sft' / 'lora.safetensors'}",
+                                    "--rewards", "ocr=brightness", "--lora", f"sft={tmp_path / 'sft/lora.safetensors'}",
                                     "--steps", "2", "--resolution", RESOLUTION, "--max_sequence_length",
                                     MAX_SEQUENCE_LENGTH, "--out", tmp_path / "eval"])
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
