@@ -2,7 +2,9 @@
 
 Defaults are the paper's SD3.5-M evaluation settings (used as they are when `--base` is an SD3 folder):
 40 Euler ODE steps, CFG g = 4.5 with the negative prompt "" (models.Base.condition), 512 px, T5 prompt
-length 128 tokens, the folder's scheduler shift (3.0). The toy world ignores resolution and T5 length.
+length 128 tokens, the folder's scheduler shift (3.0). The toy world ignores resolution and T5 length. A FLUX.1
+folder (models.load_flux) takes its guidance embedding at 3.5 by default (Flow-GRPO's FLUX setting; one forward, no
+negative prompt); Flow-GRPO evaluates FLUX.1-dev with 28 steps (--steps 28).
 
 For each model row (the base, then each `--lora`), every task's test prompts are generated with the
 deterministic sampler (sde_sampler.sample_ode: Euler steps of the CFG velocity, 40 steps and g = 4.5 for
@@ -42,7 +44,7 @@ T2I-CompBench: torchrun --nproc_per_node=8 evaluate.py --base sd3.5-medium --lay
              --prompts color=color_val.txt,spatial=spatial_val.txt --images_per_prompt 10 \
              --skip_base --lora flow_opd=out/opd/lora.safetensors --out out/compbench_opd
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 import json
 import os
 from pathlib import Path
@@ -57,7 +59,7 @@ import checkpoint
 import heldout
 from heldout import average, generate, shard
 from merge_lora import LoRAFileError, load_lora
-from models import load_base
+from models import family_defaults, load_base
 from rewards import (RewardError, check_metadata, check_reward_options, make_reward, parse_reward_options,
                      to_uint8)
 from teachers import BASE, add_adapter, use_adapter
@@ -76,7 +78,7 @@ SAME_ON_RESUME = ("base", "lora", "lora_alpha", "skip_base", "steps", "guidance"
 
 @dataclass
 class EvalConfig:
-    base: str = ""                     # diffusers SD3 folder; "" = the toy world
+    base: str = ""                     # diffusers SD3 or FLUX.1 folder; "" = the toy world
     lora: str = ""                     # comma list name=path; each is one row after the base
     tasks: str = ""                    # comma list; "" = every task with prompts (toy: geneval,ocr,quality)
     prompts: str = ""                  # comma list task=file; "" = the toy test splits
@@ -84,7 +86,7 @@ class EvalConfig:
     reward_options: str = ""           # comma list reward.option=value (geneval_server.url=http://127.0.0.1:18085)
     lora_alpha: float = 0.0            # alpha for LoRA files that carry none
     steps: int = 40                    # ODE steps
-    guidance: float = 4.5              # CFG scale g
+    guidance: float = 4.5              # CFG scale g (a FLUX base: its guidance embedding, default 3.5)
     resolution: int = 512              # image side in pixels (the toy world ignores it)
     max_sequence_length: int = 128     # T5 prompt tokens (the toy world ignores it)
     images_per_prompt: int = 1         # images per prompt, each from its own seed (T2I-CompBench wants 10)
@@ -201,7 +203,9 @@ def resolve_jobs(cfg: EvalConfig) -> tuple[dict, dict]:
 
 
 def main(argv: list[str]) -> None:
-    cfg = EvalConfig(**parse_flags(EvalConfig, argv))
+    values, names = parse_flags(EvalConfig, argv), {f.name for f in fields(EvalConfig)}
+    defaults = {k: v for k, v in family_defaults(values.get("base", "")).items() if k in names}   # FLUX: its guidance
+    cfg = EvalConfig(**(defaults | values))
     check_limits(cfg, LIMITS)
     check_out_folder(Path(cfg.out), "table.md, results.json, grid.png")
     checkpoint.check_out(Path(cfg.out))

@@ -47,6 +47,9 @@ Not read: kohya-style SD3 keys (`lora_unet_<module>.lora_down.weight`, `lora_up`
 no converter for them (lora_conversion_utils converts kohya keys for SD 1.x/XL, Flux and others, and
 `StableDiffusion3Pipeline.lora_state_dict` converts nothing), so they are refused with that reason; convert such
 a file to diffusers or peft keys with the tool that made it.
+Families: the files carry no base; `lora_family` tells SD3 from FLUX by module names (teachers.check_fits refuses a
+LoRA of one family on a base of the other, naming both). The merge takes no base: inputs of two families target
+different modules and are refused as such (check_inputs).
 Format written (our checkpoints): diffusers keys + `lora_adapter_metadata` (peft LoraConfig fields: r, lora_alpha,
 target modules, and rank_pattern / alpha_pattern keyed '^<module>' where modules differ), so
 `StableDiffusion3Pipeline.load_lora_weights` loads them at the right scale; written to a temporary file, synced and
@@ -126,6 +129,23 @@ def lora_config(lora: LoRA) -> dict:
     return {"r": r, "lora_alpha": alpha, "target_modules": sorted(lora.A),
             "rank_pattern": {f"^{m}": r_m for m, r_m in lora.ranks.items() if r_m != r},
             "alpha_pattern": {f"^{m}": a_m for m, a_m in lora.alphas.items() if a_m != alpha}}
+
+
+TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "SD3", "FluxTransformer2DModel": "FLUX"}   # diffusers class -> family
+
+
+def lora_family(modules) -> str | None:
+    """The model family a LoRA's module names point to: FLUX when it adapts a single-stream block
+    (`single_transformer_blocks.*`: FLUX alone has them, and Flow-GRPO's FLUX targets attn.to_q/k/v reach them); SD3
+    when it adapts joint blocks only (`transformer_blocks.*`, SD3's MMDiT blocks; FLUX's double-stream blocks share
+    those names, so a FLUX LoRA on them alone reads as SD3: teachers.check_fits uses this only to word the refusal of
+    a LoRA that does not fit the base); None for anything else (another model)."""
+    modules = list(modules)
+    if any(m.startswith("single_transformer_blocks.") for m in modules):
+        return "FLUX"
+    if modules and all(m.startswith("transformer_blocks.") for m in modules):
+        return "SD3"
+    return None
 
 
 class LoRAFileError(ValueError):

@@ -36,6 +36,20 @@ and `Base.schedule` to FLUX's sigmas; the SD3 path leaves both None (sd3_velocit
       image sequence length h/2 * w/2 between the config's (base_image_seq_len, base_shift) and
       (max_image_seq_len, max_shift); then a final 0.
     - Decoding as FluxPipeline does: latents / scaling_factor + shift_factor, then the VAE.
+    - The flow-matching loss (sft.py, train.py --algo sft) needs the conditional velocity: on SD3 the conditional
+      branch alone (guidance None, no CFG pair); FLUX.1-dev has no unconditional branch, and its conditional
+      velocity is its one forward with the guidance embedding at the sampling guidance (`Base.conditional_guidance`;
+      what FLUX.1-dev LoRA fine-tuning does, e.g. diffusers' train_dreambooth_lora_flux.py: guidance =
+      --guidance_scale when transformer.config.guidance_embeds). So L_FM on FLUX trains the student at --guidance.
+    - LoRA targets (`FLUX_TARGETS`, the default --targets for a FLUX folder: `family_defaults`): Flow-GRPO's FLUX
+      script (scripts/train_flux.py; r = 64, alpha = 128) adapts the attention projections `attn.{to_q, to_k, to_v,
+      to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out}` AND the MLPs of the double-stream blocks
+      `ff.net.0.proj, ff.net.2, ff_context.net.0.proj, ff_context.net.2` (its SD3 script: attention only, our
+      SD3_TARGETS). As suffixes they also reach the single-stream blocks' `attn.to_q/k/v` (their fused MLP,
+      proj_mlp / proj_out, is not adapted). The default guidance of a FLUX folder is Flow-GRPO's 3.5 (SD3: CFG 4.5).
+    - LoRA files say nothing of their base; merge_lora.lora_family reads the family off the module names
+      (single-stream blocks: FLUX), and teachers.add_adapter names both families when a LoRA of one does not fit a
+      base of the other.
   Why the Flow-SDE step and the KL hold unchanged for FLUX: FLUX is trained with the same rectified-flow
   convention as SD3, x_sigma = (1 - sigma) x0 + sigma eps with velocity v = eps - x0, and the transformer's
   timestep is sigma itself (SD3's is 1000 sigma: both forwards take their own scaling, inside the velocity).
@@ -61,9 +75,30 @@ from sde_sampler import Condition, shifted_sigmas
 import toy_model
 
 
+SD3_TARGETS = ("attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,"
+               "attn.to_add_out")                          # Flow-GRPO's SD3 LoRA: the joint attention (DESIGN 3.7)
+FLUX_TARGETS = SD3_TARGETS + ",ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2"   # Flow-GRPO's FLUX LoRA
+FLUX_GUIDANCE = 3.5                                        # Flow-GRPO's FLUX.1-dev sample.guidance_scale
+FAMILY_DEFAULTS = {"SD3": {}, "FLUX": {"targets": FLUX_TARGETS, "guidance": FLUX_GUIDANCE}}   # over the SD3 defaults
+
+
+def folder_family(path: str) -> str:
+    """'FLUX' for a diffusers FluxPipeline folder (model_index.json's `_class_name`), else 'SD3' (an SD3 folder, a
+    path that is not a folder yet, or "" = the toy world, an SD3 transformer)."""
+    index = Path(path) / "model_index.json" if path else None
+    if index is not None and index.is_file() and json.loads(index.read_text()).get("_class_name") == "FluxPipeline":
+        return "FLUX"
+    return "SD3"
+
+
+def family_defaults(path: str) -> dict:
+    """Defaults that depend on the base's family, for the flags the user did not set (train.py, evaluate.py)."""
+    return FAMILY_DEFAULTS[folder_family(path)]
+
+
 @dataclass
 class Base:
-    transformer: torch.nn.Module                                   # SD3Transformer2DModel, frozen
+    transformer: torch.nn.Module                                   # SD3 or FLUX transformer (diffusers), frozen
     encode_prompts: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # -> embeds [B,L,D], pooled [B,P]
     decode: Callable[[torch.Tensor], torch.Tensor]                 # latents [B,C,h,w] -> images [B,3,H,W] in [0,1]
     latent_shape: tuple[int, int, int]                             # (C, h, w)
@@ -72,6 +107,7 @@ class Base:
     cache_size: int = 1024                                         # prompts kept (SD3.5-M: 1.7 MB each in bf16)
     family_velocity: Callable | None = None                        # (transformer, x, sigma, cond, guidance) -> v; None: sd3_velocity
     schedule: Callable[[int], torch.Tensor] | None = None          # steps -> sigmas [T+1]; None: shifted_sigmas(steps, shift)
+    embedded_guidance: bool = False                                # guidance is an input (FLUX.1-dev): no CFG pair
     _cache: OrderedDict = field(default_factory=OrderedDict)
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +133,11 @@ class Base:
     def velocity(self, x, sigma, cond: Condition, guidance: float | None) -> torch.Tensor:
         """The velocity at (x, sigma), guidance included (sd3_velocity or flux_velocity).  x: [B,C,H,W], sigma: [B] -> float32 [B,C,H,W]"""
         return (self.family_velocity or sd3_velocity)(self.transformer, x, sigma, cond, guidance)
+
+    def conditional_guidance(self, guidance: float) -> float | None:
+        """The `guidance` argument of the conditional velocity (the flow-matching loss): None on a CFG base (SD3: the
+        conditional branch alone), the sampling guidance on a guidance-distilled one (FLUX.1-dev: its one forward)."""
+        return guidance if self.embedded_guidance else None
 
     def sigmas(self, steps: int) -> torch.Tensor:
         """The sampling grid, 1 -> 0.  [T+1]"""
@@ -212,8 +253,7 @@ def load_base(path: str, device, dtype=torch.float32, resolution: int = 512, max
     """A diffusers SD3 or FLUX folder (`path`, by model_index.json's `_class_name`), or the toy world when `path` is empty."""
     if not path:
         return load_toy(device, dtype)
-    index = Path(path) / "model_index.json"
-    if index.is_file() and json.loads(index.read_text()).get("_class_name") == "FluxPipeline":
+    if folder_family(path) == "FLUX":
         return load_flux(path, device, dtype, resolution, max_sequence_length)
     return load_sd3(path, device, dtype, resolution, max_sequence_length)
 
@@ -274,7 +314,7 @@ def load_flux(path: str, device, dtype, resolution: int, max_sequence_length: in
 
     return Base(pipe.transformer, encode_prompts, decode, (pipe.transformer.config.in_channels // 4, size, size),
                 pipe.scheduler.config.shift, str(Path(path).resolve()), family_velocity=flux_velocity,
-                schedule=schedule)
+                schedule=schedule, embedded_guidance=bool(pipe.transformer.config.guidance_embeds))
 
 
 def load_sd3(path: str, device, dtype, resolution: int, max_sequence_length: int) -> Base:

@@ -7,7 +7,11 @@ checkpoints as Flow-OPD), whose lora.safetensors is then `--init_lora` of the OP
 
 Rectified-flow / SD3 objective (sigma runs 1 -> 0, x_sigma = (1 - sigma) x0 + sigma eps):
     L_FM = E_{x0, eps, sigma} || v_theta(x_sigma, sigma, c) - (eps - x0) ||^2
-with sigma drawn logit-normal (SD3's default: sigma = sigmoid(n), n ~ N(0, 1)).
+with sigma drawn logit-normal (SD3's default: sigma = sigmoid(n), n ~ N(0, 1)). v_theta(., c) is the conditional
+velocity: on SD3 the conditional branch alone (no CFG pair; guidance None); on a guidance-distilled base (FLUX.1-dev),
+which has no unconditional branch, its one forward with the guidance embedding at the sampling guidance
+(models.Base.conditional_guidance), as FLUX.1-dev LoRA fine-tuning does. The SFT student then matches the teacher
+samples at that guidance, the one its rollouts and the OPD/GRPO losses use.
 
 Demo: python toyworld.py build   (pre-trains the toy base with this loss)
 """
@@ -18,7 +22,8 @@ from sde_sampler import Condition
 
 def flow_matching_loss(velocity, x0, cond: Condition, sigma, noise) -> torch.Tensor:
     """|| v(x_sigma) - (eps - x0) ||^2 per sample, mean over elements; velocity(x, sigma, cond) -> float32 v is the
-    conditional velocity, no CFG (models.Base.velocity with guidance None).  x0, noise: [B,C,H,W]; sigma: [B] -> [B]"""
+    conditional velocity, no CFG (models.Base.velocity at Base.conditional_guidance: SD3 None, FLUX.1-dev --guidance).
+    x0, noise: [B,C,H,W]; sigma: [B] -> [B]"""
     s = sigma.view(-1, 1, 1, 1)
     x_sigma = (1 - s) * x0 + s * noise                                          # x_sigma = (1 - sigma) x0 + sigma eps
     v = velocity(x_sigma, sigma, cond)

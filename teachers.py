@@ -23,7 +23,7 @@ import warnings
 import torch
 from peft import LoraConfig
 
-from merge_lora import LoRA, load_lora, lora_config
+from merge_lora import TRANSFORMER_FAMILIES, LoRA, load_lora, lora_config, lora_family
 from sde_sampler import Condition, sample_ode
 
 BASE = None   # adapter "name" of the bare base model
@@ -31,17 +31,7 @@ BASE = None   # adapter "name" of the bare base model
 
 def add_adapter(transformer, lora: LoRA, name: str, source: str = "") -> None:
     """Inject `lora` as adapter `name` (frozen, in the transformer's dtype), checking every module and shape."""
-    modules = dict(transformer.named_modules())
-    for module, a in lora.A.items():
-        base = modules.get(module)
-        if base is None or not hasattr(base, "in_features"):
-            raise ValueError(f"LoRA {source}: module {module!r} is not a linear layer of this base "
-                             "(a LoRA for another model?)")
-        base = getattr(base, "base_layer", base)
-        expected = (base.in_features, base.out_features)
-        if (a.shape[1], lora.B[module].shape[0]) != expected:
-            raise ValueError(f"LoRA {source}: {module} has shape in={a.shape[1]}, out={lora.B[module].shape[0]}, "
-                             f"the base has in={expected[0]}, out={expected[1]} (a LoRA for another model?)")
+    check_fits(transformer, lora, name, source)
     config = LoraConfig(**lora_config(lora))                                     # per-module ranks / alphas as patterns
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -54,6 +44,36 @@ def add_adapter(transformer, lora: LoRA, name: str, source: str = "") -> None:
     for parameter in _adapter_parameters(transformer, name):
         parameter.data = parameter.data.to(transformer.dtype)
         parameter.requires_grad_(False)
+
+
+def check_fits(transformer, lora: LoRA, name: str, source: str) -> None:
+    """Every module of `lora` a linear layer of the base, of the base's shape; else one line naming the file and the
+    first module that does not fit, and both families when the LoRA's module names tell another family than the
+    base's (merge_lora.lora_family: an SD3 LoRA on a FLUX base, a FLUX LoRA on an SD3 base)."""
+    modules = dict(transformer.named_modules())
+    for module, a in lora.A.items():
+        base, misfit = modules.get(module), None
+        if base is None or not hasattr(base, "in_features"):
+            misfit = f"module {module!r} is not a linear layer of this base"
+        else:
+            base = getattr(base, "base_layer", base)
+            if (a.shape[1], lora.B[module].shape[0]) != (base.in_features, base.out_features):
+                misfit = (f"{module} has shape in={a.shape[1]}, out={lora.B[module].shape[0]}, the base has "
+                          f"in={base.in_features}, out={base.out_features}")
+        if misfit is None:
+            continue
+        family, base_family = lora_family(lora.A), TRANSFORMER_FAMILIES.get(type(transformer).__name__)
+        if None not in (family, base_family) and family != base_family:
+            raise ValueError(f"{role(name)} {source} targets {family} modules ({misfit}) but the base is "
+                             f"{base_family}: give LoRAs trained on this base")
+        raise ValueError(f"LoRA {source}: {misfit} (a LoRA for another model?)")
+
+
+def role(name: str) -> str:
+    """What the user gave as adapter `name`, for errors: teacher <task>, --anchor, --init_lora, or LoRA <name>."""
+    if name.startswith("teacher_"):
+        return f"teacher {name.removeprefix('teacher_')}"
+    return {"anchor": "--anchor", "student": "--init_lora"}.get(name, f"LoRA {name}")
 
 
 def _adapter_parameters(transformer, name: str):

@@ -24,6 +24,8 @@ advantages, loss and rewards in grpo.py). This file reads top to bottom: config,
 
 Run:  torchrun --nproc_per_node=8 train.py --base sd3.5-medium --teachers ocr=ocr_lora,geneval=geneval_lora \
           --prompts ocr=dataset/ocr/train.txt,geneval=dataset/geneval/train_metadata.jsonl --out out/opd_sd35m
+FLUX.1: --base a FluxPipeline folder (e.g. FLUX.1-dev); its defaults are Flow-GRPO's FLUX LoRA targets (attention and
+the double-stream MLPs, models.FLUX_TARGETS) and guidance 3.5 (the guidance embedding; no CFG pair).
 """
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
@@ -54,7 +56,7 @@ import heldout
 import live_log
 from mar import load_anchor
 from merge_lora import LoRAFileError, load_lora
-from models import load_base
+from models import SD3_TARGETS, family_defaults, load_base
 from opd_loss import (LOSSES, inclusion_probabilities, kl_weights, step_kl, step_probabilities, systematic_steps,
                       uniform_on_grid)
 from rewards import RewardError, make_reward, parse_pairs
@@ -64,13 +66,10 @@ from teachers import add_adapter, load_teachers, parse_teachers, route, target_v
 import toy_model
 import toy_tasks
 
-SD3_ATTENTION = "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,attn.to_add_out"
-
-
 @dataclass
 class Config:
     # what to distil
-    base: str = ""                     # diffusers SD3 folder; "" = the toy world
+    base: str = ""                     # diffusers SD3 or FLUX.1 folder; "" = the toy world
     teachers: str = ""                 # comma list: task=lora or a lora whose file stem is the task
     prompts: str = ""                  # comma list: task=file (.txt one prompt a line, .jsonl with "prompt")
     task_weights: str = ""             # comma list task=weight (prompt sampling mix); "" = equal
@@ -92,7 +91,7 @@ class Config:
     steps: int = 10                    # T, SDE steps of a rollout
     train_steps: int = 9               # trained steps j = 0..train_steps-1 (the last, near-clean step skipped)
     noise_level: float = 0.7           # a, the SDE's noise level (0 = the ODE)
-    guidance: float = 4.5              # CFG scale g
+    guidance: float = 4.5              # CFG scale g (a FLUX base: its guidance embedding, default 3.5)
     max_sequence_length: int = 128     # T5 prompt tokens (longer prompts are truncated)
     sft_sample_steps: int = 40         # --algo sft: ODE steps of the teacher samples (the evaluation settings)
     # batch (global; divided by the world size)
@@ -106,7 +105,7 @@ class Config:
     # student LoRA and optimiser
     rank: int = 32                     # LoRA rank r of a fresh student
     alpha: float = 64.0                # LoRA alpha of a fresh student (scale alpha / r)
-    targets: str = SD3_ATTENTION       # comma list of module-name suffixes a fresh student adapts
+    targets: str = SD3_TARGETS         # comma list of module-name suffixes a fresh student adapts (FLUX: + MLPs)
     lr: float = 1e-4                   # AdamW learning rate
     weight_decay: float = 1e-4         # AdamW weight decay
     grad_clip: float = 1.0             # clip the global gradient norm to this
@@ -151,11 +150,12 @@ FILE_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".json", ".json
 
 
 def parse_config(argv: list[str]) -> Config:
-    """Flags over the defaults; with no --base (the toy world) over toy_model.TRAIN_DEFAULTS, then the defaults."""
+    """Flags over the defaults; with no --base (the toy world) over toy_model.TRAIN_DEFAULTS, with a FLUX folder over
+    its family's (models.family_defaults: LoRA targets, guidance), then the defaults."""
     values = parse_flags(Config, argv, toy_model.TRAIN_DEFAULTS)
     if not values.get("base"):
         values = toy_model.TRAIN_DEFAULTS | values
-    return Config(**values)
+    return Config(**(family_defaults(values.get("base", "")) | values))
 
 
 def parse_flags(cls, argv: list[str], toy_defaults: dict | None = None) -> dict:
@@ -585,7 +585,7 @@ def speed_up(transformer, cfg: Config) -> None:
         transformer.enable_gradient_checkpointing()
     if cfg.compile:
         torch._dynamo.config.cache_size_limit = 64          # one graph per block kind x adapter x grad mode x shape
-        for block in transformer.transformer_blocks:
+        for block in [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]:
             block.compile()
 
 
@@ -882,8 +882,10 @@ class Stats:
 
 def sft_iteration(run: Run, iteration: int) -> dict:
     """SFT cold start (paper sec. 3.2; not in the authors' code): each prompt's routed teacher samples it with
-    the ODE (evaluation settings, --sft_sample_steps), then the student takes L_FM on those samples (sft.py)."""
+    the ODE (evaluation settings, --sft_sample_steps), then the student takes L_FM on those samples (sft.py) with
+    its conditional velocity (SD3: no CFG; FLUX.1-dev: at --guidance, models.Base.conditional_guidance)."""
     cfg, base = run.cfg, run.base
+    conditional = partial(base.velocity, guidance=base.conditional_guidance(cfg.guidance))
     mine, seeds = local_batch(run, iteration)
     sigmas = base.sigmas(cfg.sft_sample_steps)
     stats = Stats(list(run.prompts), run.device)
@@ -897,7 +899,7 @@ def sft_iteration(run: Run, iteration: int) -> dict:
             noise, draws = initial_noise(seeds[start: start + cfg.micro_batch], base.latent_shape, 2, run.device)
             x0 = teacher_samples(base, route(tasks, run.routes), noise, sigmas, cond, cfg.guidance)
             sigma = torch.sigmoid(draws[1].flatten(1)[:, 0])                   # logit-normal sigma, per sample
-            loss = flow_matching_loss(partial(base.velocity, guidance=None), x0, cond, sigma, draws[0])   # [b]
+            loss = flow_matching_loss(conditional, x0, cond, sigma, draws[0])                         # [b]
             (loss.mean() / micro_batches_per_update).backward()
             stats.add(tasks, loss=loss.detach())
             loss_sum += loss.detach().sum()

@@ -66,13 +66,14 @@ TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_p
            "attn.add_v_proj", "attn.to_add_out")
 
 
-def random_lora(transformer, seed: int, rank: int = 4, alpha: float = 8.0, std: float = 0.3):
-    """A LoRA record on the SD3 attention projections of `transformer`, with nonzero A and B."""
+def random_lora(transformer, seed: int, rank: int = 4, alpha: float = 8.0, std: float = 0.3, targets=TARGETS):
+    """A LoRA record on the linear layers of `transformer` whose names end with `targets` (default: the SD3 attention
+    projections), with nonzero A and B."""
     from merge_lora import LoRA
     generator = torch.Generator().manual_seed(seed)
     A, B = {}, {}
     for name, module in transformer.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.endswith(TARGETS):
+        if isinstance(module, torch.nn.Linear) and name.endswith(tuple(targets)):
             A[name] = torch.randn(rank, module.in_features, generator=generator) * std
             B[name] = torch.randn(module.out_features, rank, generator=generator) * std
     return LoRA(A, B, alpha)
@@ -111,17 +112,22 @@ def teacher_files(sd3_folder, sd3_transformer, tmp_path_factory) -> dict:
     return files
 
 
-def train_error(args: list) -> str:
-    """train.main(args) in this process (no interpreter start-up), which must fail; -> its error message.
-    The CLI prints that message as one line `train.py: error: ...` and exits 2 (tested through a subprocess)."""
-    import train
+def in_world_of_one(main, args: list) -> None:
+    """main(args) (train.main, evaluate.main) in this process, as a fresh world of one (no interpreter start-up)."""
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.pop(k) for k in names if k in os.environ}          # a fresh world of one each call
+    saved = {k: os.environ.pop(k) for k in names if k in os.environ}
     try:
-        with pytest.raises((ValueError, FileNotFoundError)) as error:
-            train.main([str(a) for a in args])
+        main([str(a) for a in args])
     finally:
         for k in names:
             os.environ.pop(k, None)
         os.environ.update(saved)
+
+
+def train_error(args: list) -> str:
+    """train.main(args) in this process (no interpreter start-up), which must fail; -> its error message.
+    The CLI prints that message as one line `train.py: error: ...` and exits 2 (tested through a subprocess)."""
+    import train
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        in_world_of_one(train.main, args)
     return str(error.value)
