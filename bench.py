@@ -6,7 +6,7 @@ shapes, two teacher LoRAs and an anchor LoRA (r=32, alpha=64 on the attention pr
 `train.opd_iteration` at 512 px (10-step SDE rollout, teacher + anchor velocities, the trained rows with grad, AdamW
 step) for each configuration. --model (MODELS):
     sd35m (default): SD3.5-M, 24 joint blocks, 24 heads of 64, dual attention in blocks 0-12, rms qk-norm, patch 2,
-        16 latent channels, joint dim 4096, pooled 2048; 77 CLIP + 128 T5 = 205 text tokens; CFG 4.5 (two rows an image).
+        16 latent channels, joint dim 4096, pooled 2048; 77 CLIP + 128 T5 = 205 text tokens; CFG 4.5 (2 rows an image).
     sd35l: SD3.5-Large, 38 joint blocks, 38 heads of 64 (2432 wide), no dual attention, pos_embed_max_size 192;
         otherwise as sd35m (the same 205 text tokens, CFG 4.5).
     flux-dev: FLUX.1-dev, 19 double-stream and 38 single-stream blocks, 24 heads of 128, joint dim 4096, pooled 768,
@@ -24,19 +24,25 @@ gradient to the dense gradient on the same rollouts and targets, averaged over -
 of a teacher pass with the base in fp32 (TF32 matmuls, as the authors run their teachers) to the bf16 pass.
 A row also records how many transformer blocks --compile compiled (train.speed_up compiles `transformer_blocks`).
 
---ratio: the PPO ratio at the first optimizer step, eager vs compiled (kl_only, lr 1e-30 (weights unchanged), 2 optimizer steps, so the
-policy never moves and every exact ratio is 1): before the fix, max |log pi_train - log pi_rollout| and the
-fraction of rows it would clip (first_step_ratio_noise, first_step_noise_clip_fraction); after, the ratios as
+--ratio: the PPO ratio at the first optimizer step, eager vs compiled (kl_only, lr 1e-30 (weights unchanged), 2
+optimizer steps, so the policy never moves and every exact ratio is 1): before the fix, max |log pi_train - log
+pi_rollout| and the fraction of rows it would clip (first_step_ratio_noise, first_step_noise_clip_fraction); after, the ratios as
 trained (clip_fraction; log_ratio_max over the second step, whose old log-probs the training forward recomputed).
 
 Run (one GPU): python bench.py --configs "compiled b16,compiled b16 k1,compiled b16 k2,compiled b16 k3" --out bench_out
                python bench.py --ratio --out bench_ratio
-One H200, one config per 10-minute call for the large models (not yet measured; estimated from SD3.5-M's 8.2 s per
-iteration and ~45 s compile: ~7x (FLUX.1-dev, ~1.5 PFLOP per image) and ~9x (SD3.5-L) the FLOPs, peak memory
-~110-120 GB at micro-batch 16; fall back to "compiled b16 ckpt" or "compiled b8" if a row reports out of memory):
-               python bench.py --model flux-dev --configs "compiled b16" --skip_precision --out $OUT/flux
-               python bench.py --model flux-dev --configs "compiled b16 k2" --draws 2 --skip_precision --out $OUT/flux_k2
+Large models, one H200 (estimates, not yet measured): one forward of one image (torch's FLOP counter on meta
+tensors) is 4.45 TFLOP on SD3.5-M (CFG pair), 14.4 on SD3.5-L, 15.8 on FLUX.1-dev (no CFG pair); a dense iteration
+~3.3x (SD3.5-L) and ~3.5x (FLUX.1-dev, ~0.74 PFLOP per image) SD3.5-M's 214 TFLOP per image, ~30 s for 16 images
+at SD3.5-M's compiled 53% MFU. Activations the training forward saves (meta tensors; on SD3.5-M eager b8 it counts
+43 GB against 44.4 measured) plus weights: eager micro-batch 8 / 16, SD3.5-L 96 / 170 GB, FLUX.1-dev 90 / 144 GB;
+compiling saved a third of SD3.5-M's activations at b16. train.speed_up compiles FLUX's 19 double-stream blocks, not
+its 38 single-stream ones (a row's compiled_blocks says so). One config per 10-minute call (compile, 3 iterations,
+the FLOP count: ~4-5 min); a config that runs out of memory gives an error row and the next one runs:
                python bench.py --model sd35l --configs "compiled b16" --skip_precision --out $OUT/sd35l
+               python bench.py --model flux-dev --configs "compiled b8" --skip_precision --out $OUT/flux
+               python bench.py --model flux-dev --configs "compiled b16 ckpt" --skip_precision --out $OUT/flux_ckpt
+               python bench.py --model flux-dev --configs "compiled b8 k2" --draws 2 --skip_precision --out $OUT/flux_k2
 CPU smoke (tiny shapes of the model's family): python bench.py --tiny [--model flux-dev]
 """
 import argparse
@@ -94,7 +100,8 @@ class Shapes:
 
 MODELS = {"sd35m": Shapes("sd3", SD35M, 64, 205, 4.5, TARGETS), "sd35l": Shapes("sd3", SD35L, 64, 205, 4.5, TARGETS),
           "flux-dev": Shapes("flux", FLUX_DEV, 64, 128, 3.5, FLUX_TARGETS)}
-TINY_MODELS = {"sd3": Shapes("sd3", TINY, 8, 205, 4.5, TARGETS), "flux": Shapes("flux", TINY_FLUX, 8, 16, 3.5, FLUX_TARGETS)}
+TINY_MODELS = {"sd3": Shapes("sd3", TINY, 8, 205, 4.5, TARGETS),
+               "flux": Shapes("flux", TINY_FLUX, 8, 16, 3.5, FLUX_TARGETS)}
 # name: (micro_batch, grad_checkpointing, compile, sampled_steps, target_batch: rows per no-grad forward, 0 = micro);
 # a name ending in " ema" also keeps the EMA (--ema) and times it
 CONFIGS = {"eager b8": (8, False, False, 0, 0), "eager b16 ckpt": (16, True, False, 0, 0),
@@ -102,7 +109,8 @@ CONFIGS = {"eager b8": (8, False, False, 0, 0), "eager b16 ckpt": (16, True, Fal
            "compiled b16": (16, False, True, 0, 0), "compiled b8": (8, False, True, 0, 0),
            "compiled b16 k1": (16, False, True, 1, 0), "compiled b16 k2": (16, False, True, 2, 0),
            "compiled b16 k3": (16, False, True, 3, 0), "compiled b16 t48": (16, False, True, 0, 48),
-           "eager b8 k2": (8, False, False, 2, 0), "compiled b16 ema": (16, False, True, 0, 0)}
+           "eager b8 k2": (8, False, False, 2, 0), "compiled b16 ema": (16, False, True, 0, 0),
+           "compiled b8 k2": (8, False, True, 2, 0)}
 PAPER_UPDATE_IMAGES = 256              # images per update of the paper's recipe (2 optimizer steps each)
 
 
@@ -394,7 +402,8 @@ def main() -> None:
               "matmul_peak_tflops": matmul_peak(device) / 1e12, "configs": []}
     print(json.dumps(record), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        inputs = write_inputs(Path(tmp), random_base(model, "meta", torch.float32).transformer, model.targets)  # shapes only
+        shapes_only = random_base(model, "meta", torch.float32).transformer
+        inputs = write_inputs(Path(tmp), shapes_only, model.targets)
         if args.ratio:
             names = args.configs.split(",") if args.configs != ",".join(CONFIGS) else ["eager b16", "compiled b16"]
             record["ratio"] = ratio_study(model, inputs, device, 2 * args.images, names)
