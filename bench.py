@@ -6,7 +6,7 @@ shapes, two teacher LoRAs and an anchor LoRA (r=32, alpha=64 on the attention pr
 `train.opd_iteration` at 512 px (10-step SDE rollout, teacher + anchor velocities, the trained rows with grad, AdamW
 step) for each configuration. --model (MODELS):
     sd35m (default): SD3.5-M, 24 joint blocks, 24 heads of 64, dual attention in blocks 0-12, rms qk-norm, patch 2,
-        16 latent channels, joint dim 4096, pooled 2048; 77 CLIP + 128 T5 = 205 text tokens; CFG 4.5 (2 rows an image).
+        16 latent channels, joint dim 4096, pooled 2048; 77 CLIP + 128 T5 = 205 text tokens; CFG 4.5 (2 rows/image).
     sd35l: SD3.5-Large, 38 joint blocks, 38 heads of 64 (2432 wide), no dual attention, pos_embed_max_size 192;
         otherwise as sd35m (the same 205 text tokens, CFG 4.5).
     flux-dev: FLUX.1-dev, 19 double-stream and 38 single-stream blocks, 24 heads of 128, joint dim 4096, pooled 768,
@@ -26,8 +26,9 @@ A row also records how many transformer blocks --compile compiled (train.speed_u
 
 --ratio: the PPO ratio at the first optimizer step, eager vs compiled (kl_only, lr 1e-30 (weights unchanged), 2
 optimizer steps, so the policy never moves and every exact ratio is 1): before the fix, max |log pi_train - log
-pi_rollout| and the fraction of rows it would clip (first_step_ratio_noise, first_step_noise_clip_fraction); after, the ratios as
-trained (clip_fraction; log_ratio_max over the second step, whose old log-probs the training forward recomputed).
+pi_rollout| and the fraction of rows it would clip (first_step_ratio_noise, first_step_noise_clip_fraction); after,
+the ratios as trained (clip_fraction; log_ratio_max over the second step, whose old log-probs the training forward
+recomputed).
 
 Run (one GPU): python bench.py --configs "compiled b16,compiled b16 k1,compiled b16 k2,compiled b16 k3" --out bench_out
                python bench.py --ratio --out bench_ratio
