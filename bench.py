@@ -467,10 +467,11 @@ def table(record: dict) -> str:
                      f"{c['seconds_targets']:.2f} | {c['seconds_train']:.2f} | {c['seconds_optimizer']:.3f} | "
                      f"{c['peak_gb']:.1f} | {f['total']:.1f} ({f['rollout']:.1f} + {f['targets']:.1f} + {f['train']:.1f}) | "
                      f"{mfu:.1%} | {cosine} | {100 * PAPER_UPDATE_IMAGES / c['images_per_s'] / 3600:.2f} |")
+    partial = {c["compiled_blocks"] for c in record["configs"] if c.get("compile") and "compiled_blocks" in c
+               and len(set(c["compiled_blocks"].split("/"))) == 2}
+    if partial:
+        lines.append(f"\n--compile compiled {', '.join(sorted(partial))} of the transformer blocks (train.speed_up)")
     for c in record["configs"]:
-        compiled, blocks = c.get("compiled_blocks", "0/0").split("/")
-        if c.get("compile") and compiled != blocks:
-            lines.append(f"\n{c['config']}: --compile compiled {compiled} of the {blocks} transformer blocks")
         if "ema_update_s" in c:
             lines.append(f"\n{c['config']}: one EMA update {c['ema_update_s'] * 1e3:.2f} ms = "
                          f"{c['ema_update_s'] / c['seconds']:.3%} of its iteration (the EMA moves every 8 optimizer "
