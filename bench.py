@@ -22,7 +22,7 @@ matmul, measured in the same run), GPU-hours per 100 updates of the paper's reci
 steps each: 25,600 images at the measured images/s), and for sampled steps the cosine similarity of the
 gradient to the dense gradient on the same rollouts and targets, averaged over --draws draws. Also the ratio
 of a teacher pass with the base in fp32 (TF32 matmuls, as the authors run their teachers) to the bf16 pass.
-A row also records how many transformer blocks --compile compiled (train.speed_up compiles `transformer_blocks`).
+A row also records how many transformer blocks --compile compiled (train.speed_up).
 
 --ratio: the PPO ratio at the first optimizer step, eager vs compiled (kl_only, lr 1e-30 (weights unchanged), 2
 optimizer steps, so the policy never moves and every exact ratio is 1): before the fix, max |log pi_train - log
@@ -37,8 +37,8 @@ tensors) is 4.45 TFLOP on SD3.5-M (CFG pair), 14.4 on SD3.5-L, 15.8 on FLUX.1-de
 ~3.3x (SD3.5-L) and ~3.5x (FLUX.1-dev, ~0.74 PFLOP per image) SD3.5-M's 214 TFLOP per image, ~30 s for 16 images
 at SD3.5-M's compiled 53% MFU. Activations the training forward saves (meta tensors; on SD3.5-M eager b8 it counts
 43 GB against 44.4 measured) plus weights: eager micro-batch 8 / 16, SD3.5-L 96 / 170 GB, FLUX.1-dev 90 / 144 GB;
-compiling saved a third of SD3.5-M's activations at b16. train.speed_up compiles FLUX's 19 double-stream blocks, not
-its 38 single-stream ones (a row's compiled_blocks says so). One config per 10-minute call (compile, 3 iterations,
+compiling saved a third of SD3.5-M's activations at b16. train.speed_up compiles FLUX's 19 double-stream and 38
+single-stream blocks (a row's compiled_blocks says how many). One config per 10-minute call (compile, 3 iterations,
 the FLOP count: ~4-5 min); a config that runs out of memory gives an error row and the next one runs:
                python bench.py --model sd35l --configs "compiled b16" --skip_precision --out $OUT/sd35l
                python bench.py --model flux-dev --configs "compiled b8" --skip_precision --out $OUT/flux
@@ -58,7 +58,7 @@ import zlib
 import torch
 
 from merge_lora import LoRA, save_lora
-from models import Base, flux_sigmas, flux_velocity
+from models import FLUX_TARGETS, SD3_TARGETS, Base, flux_sigmas, flux_velocity
 from teachers import target_velocities
 from train import Config, opd_iteration, route, setup, setup_distributed, step_loss
 
@@ -79,12 +79,8 @@ TINY_FLUX = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1
                  axes_dims_rope=(2, 2, 4))
 FLUX_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
                       num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)   # FLUX.1-dev's scheduler config
-TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-           "attn.add_v_proj", "attn.to_add_out")
-# FLUX LoRA targets (teachers, anchor, student): the attention projections of both block kinds (single-stream blocks
-# have attn.to_q/k/v only); the lead aligns this with models.py's FLUX default at merge
-FLUX_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-                "attn.add_v_proj", "attn.to_add_out")
+TARGETS = tuple(SD3_TARGETS.split(","))              # the LoRA targets train.py uses for each family (models.py)
+FLUX_TARGETS = tuple(FLUX_TARGETS.split(","))         # (FLUX: Flow-GRPO's attention + double-stream MLPs)
 
 
 @dataclass(frozen=True)
