@@ -9,7 +9,8 @@
 # LoRA and exit 0, and the table's iterations column shows it):
 #   STAGE=teachers   the geneval and ocr teachers, and one quality teacher per lr in QUALITY_LRS, TEACHER_ITERS
 #                    iterations each (or until LIMIT); the quality candidate with the best ODE quality score on the
-#                    first 128 TRAIN quality prompts becomes teacher/quality, the MAR anchor ($OUT/eval_quality_pick)
+#                    first 128 TRAIN quality prompts becomes teacher/quality, the MAR anchor ($OUT/eval_quality_pick);
+#                    TEACHERS_GO_ON=1 trains the same teachers on in a second call (more than one call's LIMIT)
 #   STAGE=students   merge init; per seed: GRPO-Mix, the 4 Flow-OPD rows, SFT init, the k-step rows. Every row
 #                    trains the same number of iterations (x 128 student images), as many as fit in LIMIT, at most
 #                    STUDENT_ITERS: all rows first train CALIBRATE_ITERS iterations side by side; the slowest row's
@@ -21,7 +22,7 @@
 #   STAGE=all        (default) all four in order; or a list, e.g. STAGE="wallclock eval"
 # Hyper-parameters were chosen by runs/toy_grpo_sweep.sh on train prompts, never on the held-out ones.
 # Usage: STAGE=teachers LIMIT=500 bash runs/toy_paper_table.sh
-#        knobs: OUT STAGE LIMIT SEEDS TEACHER_ITERS QUALITY_LRS STUDENT_ITERS CALIBRATE_ITERS SFT_ITERS SAMPLED_STEPS
+#        knobs: OUT STAGE LIMIT SEEDS TEACHER_ITERS TEACHERS_GO_ON QUALITY_LRS STUDENT_ITERS CALIBRATE_ITERS SFT_ITERS SAMPLED_STEPS
 #               EVAL_IMAGES SMOKE EVAL_FLAGS
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,7 @@ STAGE=${STAGE:-all}
 LIMIT=${LIMIT:-0}                # seconds after which a stage's runs still going get SIGTERM; 0 = none
 SEEDS=${SEEDS:-0 1 2}            # student seeds: every student row is trained once per seed
 TEACHER_ITERS=${TEACHER_ITERS:-600}
+TEACHERS_GO_ON=${TEACHERS_GO_ON:-}  # 1: the teachers stage goes on from its teachers' checkpoints (--resume)
 QUALITY_LRS=${QUALITY_LRS:-3e-4 1e-3}   # quality teacher candidates, picked on train prompts (above)
 STUDENT_ITERS=${STUDENT_ITERS:-300}      # the most iterations a student row trains (fewer when LIMIT is short)
 CALIBRATE_ITERS=${CALIBRATE_ITERS:-8}    # the first iterations, side by side, that time the rows
@@ -48,22 +50,30 @@ teachers="geneval=$T/geneval/lora.safetensors,ocr=$T/ocr/lora.safetensors"
 anchor="$T/quality/lora.safetensors"
 OPD="--teachers $teachers $BATCH --init_lora $OUT/merge_init.safetensors --anchor $anchor"   # Flow-OPD, merge + MAR
 mkdir -p "$OUT" "$T"
-pids=()
+pids=(); names=()
 # seconds a run may still take: what is left of this stage's LIMIT (0: no limit)
 left() { if (( LIMIT == 0 )); then echo 0; else echo $(( LIMIT - SECONDS > 1 ? LIMIT - SECONDS : 1 )); fi; }
-# one training run in the background, its output in $OUT/<name>.log; `wait_all` fails if any run failed
-train() { name=$1; shift; timeout --preserve-status -s TERM "$(left)" python train.py "$@" $SMOKE --out "$OUT/$name" \
-            >"$OUT/$name.log" 2>&1 & pids+=($!); }
-wait_all() { for pid in "${pids[@]}"; do wait "$pid" || { echo "a run failed: see $OUT/*.log" >&2; exit 1; }; done; pids=(); }
+# one training run in the background, its output in $OUT/<name>.log (appended to when it goes on with --resume);
+# `wait_all` fails, naming the run, if any run failed
+train() { name=$1; shift; [[ $1 == --resume ]] || : >"$OUT/$name.log"
+          timeout --preserve-status -s TERM "$(left)" python train.py "$@" $SMOKE --out "$OUT/$name" \
+            >>"$OUT/$name.log" 2>&1 & pids+=($!); names+=("$name"); }
+wait_all() {
+    for i in "${!pids[@]}"; do
+        wait "${pids[$i]}" || { echo "run ${names[$i]} failed (exit $?): see $OUT/${names[$i]}.log" >&2; exit 1; }
+    done
+    pids=(); names=()
+}
 stage() { [[ " $STAGE " == *" all "* || " $STAGE " == *" $1 "* ]] && SECONDS=0; }   # STAGE: one or more, in order
 
 if stage teachers; then
     # stage 1: one teacher per task, single-reward Flow-GRPO from the base
+    start=--overwrite; [[ -n $TEACHERS_GO_ON ]] && start=--resume   # a second call trains the same teachers on
     for task in geneval ocr; do
-        train teacher/$task --overwrite $GRPO --reward toy_$task --iterations "$TEACHER_ITERS"
+        train teacher/$task $start $GRPO --reward toy_$task --iterations "$TEACHER_ITERS"
     done
     for lr in $QUALITY_LRS; do
-        train teacher/quality_lr$lr --overwrite $GRPO --reward toy_quality --lr "$lr" --iterations "$TEACHER_ITERS"
+        train teacher/quality_lr$lr $start $GRPO --reward toy_quality --lr "$lr" --iterations "$TEACHER_ITERS"
     done
     wait_all
     # the quality teacher: the candidate with the best ODE score on TRAIN quality prompts (never the held-out ones)
@@ -97,7 +107,7 @@ if stage students; then
                      $SMOKE --out "$OUT/sft_init_s$s" >"$OUT/sft_init_s$s.log" 2>&1 &&
                  timeout --preserve-status -s TERM "$(left)" python train.py --overwrite --seed "$s" --teachers "$teachers" \
                      $BATCH --init_lora "$OUT/sft_init_s$s/lora.safetensors" --anchor "$anchor" --iterations "$n" \
-                     $SMOKE --out "$OUT/opd_sft_mar_s$s" >"$OUT/opd_sft_mar_s$s.log" 2>&1) & pids+=($!)
+                     $SMOKE --out "$OUT/opd_sft_mar_s$s" >"$OUT/opd_sft_mar_s$s.log" 2>&1) & pids+=($!); names+=("sft_init_s$s + opd_sft_mar_s$s")
             else
                 train opd_sft_mar_s$s "$@" --seed "$s" --teachers "$teachers" $BATCH \
                     --init_lora "$OUT/sft_init_s$s/lora.safetensors" --anchor "$anchor" --iterations "$n"
@@ -106,7 +116,8 @@ if stage students; then
         wait_all
     }
     students "$CALIBRATE_ITERS" --overwrite
-    # as many iterations as the slowest row fits in what is left of LIMIT (25 s for the restart, 10 % to spare)
+    # as many iterations as the slowest row fits in what is left of LIMIT: 45 s for the restart, 25 % to spare (the
+    # H200 run of c1b1881 kept 25 s and 10 %: its rows were stopped at 57-62 of 62 iterations)
     iterations=$(python - "$OUT" "$(left)" "$CALIBRATE_ITERS" "$STUDENT_ITERS" "$LIMIT" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -116,7 +127,7 @@ def per_iteration(log):            # median seconds per iteration after the firs
     seconds = sorted(json.loads(line)["seconds"] for line in lines[1:] or lines)
     return seconds[len(seconds) // 2]
 runs = [log for log in out.glob("*_s[0-9]*/metrics.jsonl") if not log.parent.name.startswith("sft_init")]
-fit = done + int((left - 25) / (1.1 * max(map(per_iteration, runs)))) if limit else most
+fit = done + int((left - 45) / (1.25 * max(map(per_iteration, runs)))) if limit else most
 print(max(done, min(most, fit)))
 EOF
 )
@@ -148,13 +159,13 @@ fi
 if stage eval; then
     rows="teacher_geneval=$T/geneval/lora.safetensors,teacher_ocr=$T/ocr/lora.safetensors,teacher_quality=$anchor"
     python evaluate.py --lora "$rows" --images_per_prompt "$EVAL_IMAGES" \
-        --batch 512 --out "$OUT/eval/base" $EVAL_FLAGS >"$OUT/eval_base.log" 2>&1 & pids+=($!)
+        --batch 512 --out "$OUT/eval/base" $EVAL_FLAGS >"$OUT/eval_base.log" 2>&1 & pids+=($!); names+=(eval_base)
     for s in $SEEDS; do
         runs="grpo_mix opd_merge_mar opd_merge_no_mar opd_fresh_mar opd_sft_mar"
         for k in $SAMPLED_STEPS; do runs="$runs opd_merge_mar_k$k opd_merge_mar_k${k}_time"; done
         rows=$(for run in $runs; do printf '%s=%s,' "${run}_s$s" "$OUT/${run}_s$s/lora.safetensors"; done)
         python evaluate.py --skip_base --lora "${rows%,}" --images_per_prompt "$EVAL_IMAGES" --batch 512 \
-            --out "$OUT/eval/s$s" $EVAL_FLAGS >"$OUT/eval_s$s.log" 2>&1 & pids+=($!)
+            --out "$OUT/eval/s$s" $EVAL_FLAGS >"$OUT/eval_s$s.log" 2>&1 & pids+=($!); names+=(eval_s$s)
     done
     wait_all
     echo "stage eval: ${SECONDS} s"
