@@ -35,15 +35,17 @@ def test_bench_tiny_runs_dense_and_sampled_iterations_and_counts_flops(tmp_path)
 
 def flux_row_flops(c: dict, image_tokens: int, text_tokens: int, rank: int) -> tuple[int, int]:
     """Closed-form matmul FLOPs of one FluxTransformer2DModel row with one rank-`rank` LoRA on models.FLUX_TARGETS
-    (the attention projections, and the double blocks' MLPs) active (FLOPs = 2 x multiply-adds; elementwise ops are not counted). -> (forward, backward of the
-    student's loss: base frozen, LoRA trained, latents and text embeddings without grad)
+    (the attention projections and the double blocks' MLPs) active (FLOPs = 2 x multiply-adds; elementwise ops are
+    not counted). -> (forward, backward of the student's loss: base frozen, LoRA trained, latents and text
+    embeddings without grad)
     Per row: timestep, guidance and pooled-text embedders (256 -> D -> D, P -> D -> D), adaLN modulations (double
     blocks 2 x 6D, single 3D, final 2D). Per token: x_embedder / context_embedder, then every block 12 D^2
     multiply-adds (double: q, k, v, out + 4x MLP of the token's own stream; single: q, k, v, 4x MLP, 5D -> D out),
     proj_out; joint attention 2 L^2 D per block; LoRA r (in + out) per adapted layer: D -> D attention layers, 8 per
-    double block (4 per stream) and 3 per single block; the double blocks' MLPs, D -> 4D and 4D -> D per stream. Backward: the gradient of every layer's input and of the LoRA weights, nothing of the
-    embedders and adaLN (no input needs a gradient there), nor the input gradient of the first block's q, k, v
-    projections; attention twice its forward."""
+    double block (4 per stream) and 3 per single block; the double blocks' MLPs, D -> 4D and 4D -> D per stream.
+    Backward: the gradient of every layer's input and of the LoRA weights, nothing of the embedders and adaLN (no
+    input needs a gradient there), nor the input gradient of the first block's q, k, v projections; attention twice
+    its forward."""
     D, n, m = c["num_attention_heads"] * c["attention_head_dim"], image_tokens, text_tokens
     L, blocks = n + m, c["num_layers"] + c["num_single_layers"]
     per_row = 2 * ((256 * D + D * D) * (1 + c["guidance_embeds"]) + c["pooled_projection_dim"] * D + D * D
@@ -51,7 +53,8 @@ def flux_row_flops(c: dict, image_tokens: int, text_tokens: int, rank: int) -> t
     embed = 2 * (n * c["in_channels"] * D + m * c["joint_attention_dim"] * D)
     out = 2 * n * D * c["in_channels"]
     linear, attention = 2 * blocks * 12 * D * D * L, blocks * 4 * L * L * D
-    lora = 2 * rank * 2 * D * L * (4 * c["num_layers"] + 3 * c["num_single_layers"]) + 2 * rank * 10 * D * L * c["num_layers"]
+    lora = (2 * rank * 2 * D * L * (4 * c["num_layers"] + 3 * c["num_single_layers"])    # D -> D attention layers
+            + 2 * rank * 10 * D * L * c["num_layers"])                                  # double-stream MLPs (5D each)
     forward = per_row + embed + out + linear + attention + lora
     first_qkv = 2 * 3 * D * L * (D + rank)         # block 0's q, k, v (both streams): no input gradient (base, LoRA A)
     return forward, linear + out + 2 * lora + 2 * attention - first_qkv
