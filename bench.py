@@ -58,7 +58,7 @@ import zlib
 import torch
 
 from merge_lora import LoRA, save_lora
-from models import FLUX_TARGETS, SD3_TARGETS, Base, flux_sigmas, flux_velocity
+from models import FLUX_TARGETS, SD3_TARGETS, Base, blocks, flux_base
 from teachers import target_velocities
 from train import Config, opd_iteration, route, setup, setup_distributed, step_loss
 
@@ -79,8 +79,6 @@ TINY_FLUX = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1
                  axes_dims_rope=(2, 2, 4))
 FLUX_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
                       num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)   # FLUX.1-dev's scheduler config
-TARGETS = tuple(SD3_TARGETS.split(","))              # the LoRA targets train.py uses for each family (models.py)
-FLUX_TARGETS = tuple(FLUX_TARGETS.split(","))         # (FLUX: Flow-GRPO's attention + double-stream MLPs)
 
 
 @dataclass(frozen=True)
@@ -92,12 +90,13 @@ class Shapes:
     latent: int
     tokens: int
     guidance: float
-    targets: tuple
+    targets: str                       # comma list of module-name suffixes: models.py's, as train.py's defaults
 
 
-MODELS = {"sd35m": Shapes("sd3", SD35M, 64, 205, 4.5, TARGETS), "sd35l": Shapes("sd3", SD35L, 64, 205, 4.5, TARGETS),
+MODELS = {"sd35m": Shapes("sd3", SD35M, 64, 205, 4.5, SD3_TARGETS),
+          "sd35l": Shapes("sd3", SD35L, 64, 205, 4.5, SD3_TARGETS),
           "flux-dev": Shapes("flux", FLUX_DEV, 64, 128, 3.5, FLUX_TARGETS)}
-TINY_MODELS = {"sd3": Shapes("sd3", TINY, 8, 205, 4.5, TARGETS),
+TINY_MODELS = {"sd3": Shapes("sd3", TINY, 8, 205, 4.5, SD3_TARGETS),
                "flux": Shapes("flux", TINY_FLUX, 8, 16, 3.5, FLUX_TARGETS)}
 # name: (micro_batch, grad_checkpointing, compile, sampled_steps, target_batch: rows per no-grad forward, 0 = micro);
 # a name ending in " ema" also keeps the EMA (--ema) and times it
@@ -131,22 +130,20 @@ def random_base(model: Shapes, device, dtype, seed: int = 0) -> Base:
 
     if model.family == "sd3":
         return Base(transformer, encode, lambda x: x, (config["in_channels"], latent, latent), 3.0, "random-sd3")
-    return Base(transformer, encode, lambda x: x, (config["in_channels"] // 4, latent, latent), FLUX_SCHEDULER["shift"],
-                "random-flux", family_velocity=flux_velocity,
-                schedule=lambda steps: flux_sigmas(steps, FLUX_SCHEDULER, (latent // 2) ** 2))
+    return flux_base(transformer, encode, lambda x: x, latent, FLUX_SCHEDULER, "random-flux")
 
 
-def random_lora(transformer, seed: int, targets: tuple, rank: int = 32, alpha: float = 64.0) -> LoRA:
-    g = torch.Generator().manual_seed(seed)
+def random_lora(transformer, seed: int, targets: str, rank: int = 32, alpha: float = 64.0) -> LoRA:
+    g, suffixes = torch.Generator().manual_seed(seed), tuple(targets.split(","))
     A, B = {}, {}
     for name, module in transformer.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.endswith(targets):
+        if isinstance(module, torch.nn.Linear) and name.endswith(suffixes):
             A[name] = torch.randn(rank, module.in_features, generator=g) / module.in_features**0.5
             B[name] = torch.randn(module.out_features, rank, generator=g) * 0.01
     return LoRA(A, B, alpha)
 
 
-def write_inputs(folder: Path, transformer, targets: tuple) -> dict:
+def write_inputs(folder: Path, transformer, targets: str) -> dict:
     """Teacher/anchor LoRA files and prompt files for the run config."""
     for i, name in enumerate(("ocr", "geneval", "anchor")):
         save_lora(random_lora(transformer, i, targets), folder / f"{name}.safetensors")
@@ -243,7 +240,7 @@ def bench_config(name: str, model: Shapes, inputs: dict, device, iterations: int
 def model_flags(model: Shapes) -> dict:
     """train.py flags that follow the model: the base's name in the record, resolution, guidance, LoRA targets."""
     return dict(base=f"random-{model.family}", resolution=model.latent * 8, guidance=model.guidance,
-                targets=",".join(model.targets))
+                targets=model.targets)
 
 
 def with_run(cfg: Config, name: str, model: Shapes, device, measure) -> dict:
@@ -307,10 +304,9 @@ def measure_config(run, name: str, images: int, iterations: int, flops: bool, dr
 
 
 def compiled_blocks(transformer) -> str:
-    """'compiled/all' transformer blocks (nn.Module.compile sets _compiled_call_impl); FLUX's blocks are
-    `transformer_blocks` (double-stream) and `single_transformer_blocks`."""
-    blocks = [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
-    return f"{sum(getattr(b, '_compiled_call_impl', None) is not None for b in blocks)}/{len(blocks)}"
+    """'compiled/all' of models.blocks (nn.Module.compile sets _compiled_call_impl)."""
+    every = blocks(transformer)
+    return f"{sum(getattr(b, '_compiled_call_impl', None) is not None for b in every)}/{len(every)}"
 
 
 def median_seconds(fn, device, repeats: int = 10) -> float:

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 import checkpoint
-from bench import SD35M, TARGETS
+from bench import SD35M
 from merge_lora import LoRA, save_lora
+from models import SD3_TARGETS
 
 
 def sd35m_lora_shapes(rank: int = 32) -> dict[str, tuple[int, int]]:
@@ -26,7 +27,7 @@ def sd35m_lora_shapes(rank: int = 32) -> dict[str, tuple[int, int]]:
     with torch.device("meta"):
         transformer = SD3Transformer2DModel(**SD35M)
     return {n: (m.in_features, m.out_features) for n, m in transformer.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.endswith(TARGETS)}
+            if isinstance(m, torch.nn.Linear) and n.endswith(tuple(SD3_TARGETS.split(",")))}
 
 
 def main() -> None:

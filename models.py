@@ -220,6 +220,20 @@ def flux_sigmas(steps: int, scheduler_config, image_seq_len: int) -> torch.Tenso
     return scheduler.sigmas.float().cpu()
 
 
+def blocks(transformer) -> list[torch.nn.Module]:
+    """The transformer's blocks: SD3's joint blocks; FLUX's double-stream then single-stream blocks."""
+    return [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
+
+
+def flux_base(transformer, encode_prompts, decode, size: int, scheduler_config: dict, name: str) -> Base:
+    """A FLUX transformer as a Base: unpacked latents (in_channels / 4, size, size), flux_velocity, the scheduler
+    config's dynamic-shift sigmas over the size/2 x size/2 packed image tokens, the guidance embedding if it has one."""
+    return Base(transformer, encode_prompts, decode, (transformer.config.in_channels // 4, size, size),
+                scheduler_config["shift"], name, family_velocity=flux_velocity,
+                schedule=lambda steps: flux_sigmas(steps, scheduler_config, (size // 2) ** 2),
+                embedded_guidance=bool(transformer.config.guidance_embeds))
+
+
 def base_weight(transformer) -> torch.Tensor:
     """The patch embedding's weight (SD3's pos_embed.proj, FLUX's x_embedder): its dtype and device are the base's.
     (diffusers' `transformer.dtype` and `.device` walk every submodule on each call, tens of ms per forward with
@@ -306,15 +320,8 @@ def load_flux(path: str, device, dtype, resolution: int, max_sequence_length: in
             images = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
-    size = resolution // vae_scale
-    scheduler_config = dict(pipe.scheduler.config)
-
-    def schedule(steps):
-        return flux_sigmas(steps, scheduler_config, (size // 2) ** 2)
-
-    return Base(pipe.transformer, encode_prompts, decode, (pipe.transformer.config.in_channels // 4, size, size),
-                pipe.scheduler.config.shift, str(Path(path).resolve()), family_velocity=flux_velocity,
-                schedule=schedule, embedded_guidance=bool(pipe.transformer.config.guidance_embeds))
+    return flux_base(pipe.transformer, encode_prompts, decode, resolution // vae_scale, dict(pipe.scheduler.config),
+                     str(Path(path).resolve()))
 
 
 def load_sd3(path: str, device, dtype, resolution: int, max_sequence_length: int) -> Base:

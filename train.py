@@ -56,7 +56,7 @@ import heldout
 import live_log
 from mar import load_anchor
 from merge_lora import LoRAFileError, load_lora
-from models import SD3_TARGETS, family_defaults, load_base
+from models import SD3_TARGETS, blocks, family_defaults, load_base
 from opd_loss import (LOSSES, inclusion_probabilities, kl_weights, step_kl, step_probabilities, systematic_steps,
                       uniform_on_grid)
 from rewards import RewardError, make_reward, parse_pairs
@@ -585,7 +585,7 @@ def speed_up(transformer, cfg: Config) -> None:
         transformer.enable_gradient_checkpointing()
     if cfg.compile:
         torch._dynamo.config.cache_size_limit = 64          # one graph per block kind x adapter x grad mode x shape
-        for block in [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]:
+        for block in blocks(transformer):
             block.compile()
 
 

@@ -22,8 +22,8 @@
 #   STAGE=all        (default) all four in order; or a list, e.g. STAGE="wallclock eval"
 # Hyper-parameters were chosen by runs/toy_grpo_sweep.sh on train prompts, never on the held-out ones.
 # Usage: STAGE=teachers LIMIT=500 bash runs/toy_paper_table.sh
-#        knobs: OUT STAGE LIMIT SEEDS TEACHER_ITERS TEACHERS_GO_ON QUALITY_LRS STUDENT_ITERS CALIBRATE_ITERS SFT_ITERS SAMPLED_STEPS
-#               EVAL_IMAGES SMOKE EVAL_FLAGS
+#        knobs: OUT STAGE LIMIT SEEDS TEACHER_ITERS TEACHERS_GO_ON QUALITY_LRS STUDENT_ITERS CALIBRATE_ITERS
+#               SFT_ITERS SAMPLED_STEPS EVAL_IMAGES SMOKE EVAL_FLAGS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/toy_table}
