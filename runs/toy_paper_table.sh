@@ -7,12 +7,13 @@
 # error over seeds ($OUT/table.md). Independent runs go side by side on the one GPU (the toy model is launch-bound).
 # Stages, one call each, each stopped at LIMIT seconds (runs still going get SIGTERM: they checkpoint, export their
 # LoRA and exit 0, and the table's iterations column shows it):
-#   STAGE=teachers   the geneval and ocr teachers, and one quality teacher per lr in QUALITY_LRS, TEACHER_ITERS
-#                    iterations each (or until LIMIT); the quality candidate with the best ODE quality score on the
-#                    first 128 TRAIN quality prompts becomes teacher/quality, the MAR anchor ($OUT/eval_quality_pick);
-#                    TEACHERS_GO_ON=1 trains the same teachers on in a second call (more than one call's LIMIT)
-#   STAGE=students   merge init; per seed: GRPO-Mix, the 4 Flow-OPD rows, SFT init, the k-step rows. Every row
-#                    trains the same number of iterations (x 128 student images), as many as fit in LIMIT, at most
+#   STAGE=teachers   one Flow-GRPO teacher per task and per lr in GENEVAL_LRS / OCR_LRS / QUALITY_LRS, side by side,
+#                    TEACHER_ITERS iterations each (or until LIMIT); where a task has several candidates, the one with
+#                    the best ODE score on the first 128 TRAIN prompts of its task becomes $OUT/teacher/<task>
+#                    ($OUT/eval_<task>_pick); TEACHERS_GO_ON=1 trains the same candidates on in a second call (more
+#                    than one call's LIMIT). Ship them with `python toyworld.py teachers $OUT/teacher`.
+#   STAGE=students   from the teachers in TEACHERS (default toy/, the shipped ones; or $OUT/teacher): merge init;
+#                    per seed: GRPO-Mix, the 4 Flow-OPD rows, SFT init, the k-step rows. Every row trains the same number of iterations (x 128 student images), as many as fit in LIMIT, at most
 #                    STUDENT_ITERS: all rows first train CALIBRATE_ITERS iterations side by side; the slowest row's
 #                    seconds per iteration there sets the number ($OUT/student_iterations), and all go on to it
 #                    with --resume. (The SFT row's cold start adds SFT_ITERS x 128 teacher samples before it.)
@@ -22,17 +23,20 @@
 #   STAGE=all        (default) all four in order; or a list, e.g. STAGE="wallclock eval"
 # Hyper-parameters were chosen by runs/toy_grpo_sweep.sh on train prompts, never on the held-out ones.
 # Usage: STAGE=teachers LIMIT=500 bash runs/toy_paper_table.sh
-#        knobs: OUT STAGE LIMIT SEEDS TEACHER_ITERS TEACHERS_GO_ON QUALITY_LRS STUDENT_ITERS CALIBRATE_ITERS
-#               SFT_ITERS SAMPLED_STEPS EVAL_IMAGES SMOKE EVAL_FLAGS
+#        knobs: OUT STAGE LIMIT SEEDS TEACHERS TEACHER_ITERS TEACHERS_GO_ON GENEVAL_LRS OCR_LRS QUALITY_LRS
+#               STUDENT_ITERS CALIBRATE_ITERS SFT_ITERS SAMPLED_STEPS EVAL_IMAGES SMOKE EVAL_FLAGS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/toy_table}
 STAGE=${STAGE:-all}
 LIMIT=${LIMIT:-0}                # seconds after which a stage's runs still going get SIGTERM; 0 = none
 SEEDS=${SEEDS:-0 1 2}            # student seeds: every student row is trained once per seed
-TEACHER_ITERS=${TEACHER_ITERS:-600}
+TEACHERS=${TEACHERS:-toy}        # the students' teachers: toy (shipped: toy/<task>.safetensors) or $OUT/teacher
+TEACHER_ITERS=${TEACHER_ITERS:-2000}
 TEACHERS_GO_ON=${TEACHERS_GO_ON:-}  # 1: the teachers stage goes on from its teachers' checkpoints (--resume)
-QUALITY_LRS=${QUALITY_LRS:-3e-4 1e-3}   # quality teacher candidates, picked on train prompts (above)
+GENEVAL_LRS=${GENEVAL_LRS:-1e-3 2e-3}  # teacher candidates per task, picked on train prompts (above); the quality
+OCR_LRS=${OCR_LRS:-1e-3}               # pick of the H200 table of c1b1881: lr 1e-3 0.772 vs 3e-4 0.676
+QUALITY_LRS=${QUALITY_LRS:-1e-3}
 STUDENT_ITERS=${STUDENT_ITERS:-300}      # the most iterations a student row trains (fewer when LIMIT is short)
 CALIBRATE_ITERS=${CALIBRATE_ITERS:-8}    # the first iterations, side by side, that time the rows
 SFT_ITERS=${SFT_ITERS:-10}
@@ -42,12 +46,14 @@ SMOKE=${SMOKE:-}                 # extra train.py flags for every run, e.g. a ti
 EVAL_FLAGS=${EVAL_FLAGS:-}       # extra evaluate.py flags, e.g. --max_prompts 4 --steps 4
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # many processes share the CPU: one thread each for the rewards
 BATCH="--images_per_iteration 128 --micro_batch 64 --eval_every 0"    # evaluate.py scores every row at the end
-# chosen by runs/toy_grpo_sweep.sh on train prompts: clip 1e-4, beta 0.04, lr 1e-3 (the quality teacher's lr is
-# picked among QUALITY_LRS by the teachers stage, on train prompts)
+# chosen by runs/toy_grpo_sweep.sh on train prompts: clip 1e-4, beta 0.04, lr 1e-3 (each teacher's lr is picked
+# among its task's *_LRS by the teachers stage, on train prompts)
 GRPO="--algo grpo $BATCH --group_size 16 --lr 1e-3 --clip_range 1e-4 --beta 0.04"
 T=$OUT/teacher
-teachers="geneval=$T/geneval/lora.safetensors,ocr=$T/ocr/lora.safetensors"
-anchor="$T/quality/lora.safetensors"
+# a teacher's LoRA in TEACHERS: toy/<task>.safetensors (shipped) or <folder>/<task>/lora.safetensors (a teachers stage)
+lora() { if [[ -f $TEACHERS/$1.safetensors ]]; then echo "$TEACHERS/$1.safetensors"; else echo "$TEACHERS/$1/lora.safetensors"; fi; }
+teachers="geneval=$(lora geneval),ocr=$(lora ocr)"
+anchor=$(lora quality)
 OPD="--teachers $teachers $BATCH --init_lora $OUT/merge_init.safetensors --anchor $anchor"   # Flow-OPD, merge + MAR
 mkdir -p "$OUT" "$T"
 pids=(); names=()
@@ -74,27 +80,33 @@ wait_all() {
 stage() { [[ " $STAGE " == *" all "* || " $STAGE " == *" $1 "* ]] && SECONDS=0; }   # STAGE: one or more, in order
 
 if stage teachers; then
-    # stage 1: one teacher per task, single-reward Flow-GRPO from the base
+    # stage 1: one teacher per task and lr, single-reward Flow-GRPO from the base
     start=--overwrite; [[ -n $TEACHERS_GO_ON ]] && start=--resume   # a second call trains the same teachers on
-    for task in geneval ocr; do
-        train teacher/$task $start $GRPO --reward toy_$task --iterations "$TEACHER_ITERS"
-    done
-    for lr in $QUALITY_LRS; do
-        train teacher/quality_lr$lr $start $GRPO --reward toy_quality --lr "$lr" --iterations "$TEACHER_ITERS"
+    lrs() { case $1 in geneval) echo "$GENEVAL_LRS";; ocr) echo "$OCR_LRS";; quality) echo "$QUALITY_LRS";; esac; }
+    for task in geneval ocr quality; do
+        for lr in $(lrs $task); do
+            train teacher/${task}_lr$lr $start $GRPO --reward toy_$task --lr "$lr" --iterations "$TEACHER_ITERS"
+        done
     done
     wait_all
-    # the quality teacher: the candidate with the best ODE score on TRAIN quality prompts (never the held-out ones)
-    candidates=$(for lr in $QUALITY_LRS; do printf 'quality_lr%s=%s,' "$lr" "$T/quality_lr$lr/lora.safetensors"; done)
-    python evaluate.py --skip_base --lora "${candidates%,}" --prompts quality=toy/quality_train.txt --max_prompts 128 \
-        --out "$OUT/eval_quality_pick" $EVAL_FLAGS >"$OUT/eval_quality_pick.log" 2>&1
-    best=$(python -c 'import json, sys; t = json.load(open(sys.argv[1]))["table"]; print(max(t, key=lambda r: t[r]["quality"]))' \
-        "$OUT/eval_quality_pick/results.json")
-    rm -rf "${T:?}/quality" && cp -r "$T/$best" "$T/quality"
-    echo "stage teachers: ${SECONDS} s (quality teacher: $best)"
+    # each task's teacher: its candidate with the best ODE score on TRAIN prompts (never the held-out ones)
+    for task in geneval ocr quality; do
+        set -- $(lrs $task); best=${task}_lr$1
+        if (( $# > 1 )); then
+            candidates=$(for lr in "$@"; do printf '%s_lr%s=%s,' "$task" "$lr" "$T/${task}_lr$lr/lora.safetensors"; done)
+            python evaluate.py --skip_base --lora "${candidates%,}" --prompts "$task=$(ls toy/${task}_train.*)" \
+                --max_prompts 128 --out "$OUT/eval_${task}_pick" $EVAL_FLAGS >"$OUT/eval_${task}_pick.log" 2>&1
+            best=$(python -c 'import json, sys; t = json.load(open(sys.argv[1]))["table"]; print(max(t, key=lambda r: t[r][sys.argv[2]]))' \
+                "$OUT/eval_${task}_pick/results.json" "$task")
+        fi
+        rm -rf "${T:?}/$task" && cp -r "$T/$best" "$T/$task"
+        echo "teacher $task: $best"
+    done
+    echo "stage teachers: ${SECONDS} s; ship with: python toyworld.py teachers $T"
 fi
 
 if stage students; then
-    python merge_lora.py "$T/geneval/lora.safetensors" "$T/ocr/lora.safetensors" --method ab-mean \
+    python merge_lora.py "$(lora geneval)" "$(lora ocr)" --method ab-mean \
         --out "$OUT/merge_init.safetensors"
     # every student row to --iterations $1, with the flags after it (--overwrite: start; --resume: go on)
     students() {
@@ -164,7 +176,7 @@ EOF
 fi
 
 if stage eval; then
-    rows="teacher_geneval=$T/geneval/lora.safetensors,teacher_ocr=$T/ocr/lora.safetensors,teacher_quality=$anchor"
+    rows="teacher_geneval=$(lora geneval),teacher_ocr=$(lora ocr),teacher_quality=$anchor"
     python evaluate.py --lora "$rows" --images_per_prompt "$EVAL_IMAGES" \
         --batch 512 --out "$OUT/eval/base" $EVAL_FLAGS >"$OUT/eval_base.log" 2>&1 & pids+=($!); names+=(eval_base)
     for s in $SEEDS; do
