@@ -2,7 +2,8 @@
 
 Panels (x = iteration): the loss; K_j to each task's teacher (kl_teacher/<task>); K_j to the anchor (MAR,
 kl_anchor; GRPO runs: kl_base); the held-out reward of each task from the in-loop evaluation (eval/<task>,
-the EMA weights under --ema, iteration 0 = before training); images/s of training (evaluation time apart).
+the EMA weights under --ema, iteration 0 = before training); images/s of training (evaluation time apart);
+the mean reward of each iteration's rollouts (GRPO and GRPO-Mix: reward/<task>, a teacher's learning curve).
 KL panels use a log scale. Also prints the run's training and in-loop evaluation seconds.
 matplotlib is an optional dependency (requirements-logging.txt), imported here only.
 
@@ -37,12 +38,14 @@ def panels(lines: list[dict]) -> list[tuple[str, dict, bool]]:
     tasks = [k.split("/", 1)[1] for k in keys if k.startswith("eval/") and k != "eval/average"]
     per_teacher = [k for k in keys if k.startswith("kl_teacher/")]
     anchor = [k for k in ("kl_anchor", "kl_base") if k in keys]
+    rollout_rewards = [k for k in keys if k.startswith("reward/")] or ["reward"]
     return [("loss", series(lines, ["loss"]), False),
             ("KL to each task's teacher", series(lines, per_teacher or ["kl_teacher"]), True),
             ("KL to the anchor" if "kl_anchor" in keys else "KL to the base", series(lines, anchor), True),
             ("held-out reward (in-loop evaluation)", series(lines, [f"eval/{t}" for t in tasks] + ["eval/average"]),
              False),
-            ("images/s (training)", series(lines, ["images_per_s"]), False)]
+            ("images/s (training)", series(lines, ["images_per_s"]), False),
+            ("reward of the rollouts (training)", series(lines, rollout_rewards), False)]
 
 
 def plot(run: Path, out: Path) -> Path:

@@ -116,11 +116,15 @@ def test_plot_draws_every_curve_of_the_run(long_run, tmp_path):
     titles = [title for title, _, _ in plot.panels(lines)]
     curves = {title: curves for title, curves, _ in plot.panels(lines)}
     assert titles == ["loss", "KL to each task's teacher", "KL to the anchor", "held-out reward (in-loop evaluation)",
-                      "images/s (training)"]
+                      "images/s (training)", "reward of the rollouts (training)"]
     assert set(curves["KL to each task's teacher"]) == {"kl_teacher/ocr", "kl_teacher/geneval"}
     assert curves["held-out reward (in-loop evaluation)"]["eval/ocr"] == ([0, 2, 4], [m["eval/ocr"] for m in lines[::2]])
     assert curves["loss"]["loss"] == ([1, 2, 3, 4], [m["loss"] for m in lines[1:]])
     assert plot.main([str(long_run), "--out", str(tmp_path / "curves.png")]).stat().st_size > 10_000
+    grpo = [{"iteration": i, "reward": 0.5 + i, "reward/ocr": 0.4 + i, "kl_base": 0.1} for i in (1, 2)]   # a teacher
+    curves = {title: curves for title, curves, _ in plot.panels(grpo)}
+    assert curves["reward of the rollouts (training)"] == {"reward/ocr": ([1, 2], [1.4, 2.4])}
+    assert curves["KL to the base"] == {"kl_base": ([1, 2], [0.1, 0.1])}
 
 
 @pytest.mark.parametrize("flags, message", [
