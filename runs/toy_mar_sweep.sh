@@ -19,7 +19,8 @@ SMOKE=${SMOKE:-}                 # extra train.py flags for every run (a CPU smo
 EVAL_FLAGS=${EVAL_FLAGS:-}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
-lora() { if [[ -f $TEACHERS/$1.safetensors ]]; then echo "$TEACHERS/$1.safetensors"; else echo "$TEACHERS/$1/lora.safetensors"; fi; }
+lora() { if [[ -f $TEACHERS/$1.safetensors ]]; then echo "$TEACHERS/$1.safetensors"
+         else echo "$TEACHERS/$1/lora.safetensors"; fi; }
 teachers="geneval=$(lora geneval),ocr=$(lora ocr)"
 python merge_lora.py "$(lora geneval)" "$(lora ocr)" --method ab-mean \
     --out "$OUT/merge_init.safetensors"

@@ -13,8 +13,9 @@
 #                    ($OUT/eval_<task>_pick); TEACHERS_GO_ON=1 trains the same candidates on in a second call (more
 #                    than one call's LIMIT). Ship them with `python toyworld.py teachers $OUT/teacher`.
 #   STAGE=students   from the teachers in TEACHERS (default toy/, the shipped ones; or $OUT/teacher): merge init;
-#                    per seed: GRPO-Mix, the 4 Flow-OPD rows, SFT init, the k-step rows. Every row trains the same number of iterations (x 128 student images), as many as fit in LIMIT, at most
-#                    STUDENT_ITERS: all rows first train CALIBRATE_ITERS iterations side by side; the slowest row's
+#                    per seed: GRPO-Mix, the 4 Flow-OPD rows, SFT init, the k-step rows. Every row trains the same
+#                    number of iterations (x 128 student images), as many as fit in LIMIT, at most STUDENT_ITERS:
+#                    all rows first train CALIBRATE_ITERS iterations side by side; the slowest row's
 #                    seconds per iteration there sets the number ($OUT/student_iterations), and all go on to it
 #                    with --resume. (The SFT row's cold start adds SFT_ITERS x 128 teacher samples before it.)
 #   STAGE=wallclock  each k-step row goes on (--resume, a copy) to the iterations that cost the dense row's time,
@@ -51,7 +52,8 @@ BATCH="--images_per_iteration 128 --micro_batch 64 --eval_every 0"    # evaluate
 GRPO="--algo grpo $BATCH --group_size 16 --lr 1e-3 --clip_range 1e-4 --beta 0.04"
 T=$OUT/teacher
 # a teacher's LoRA in TEACHERS: toy/<task>.safetensors (shipped) or <folder>/<task>/lora.safetensors (a teachers stage)
-lora() { if [[ -f $TEACHERS/$1.safetensors ]]; then echo "$TEACHERS/$1.safetensors"; else echo "$TEACHERS/$1/lora.safetensors"; fi; }
+lora() { if [[ -f $TEACHERS/$1.safetensors ]]; then echo "$TEACHERS/$1.safetensors"
+         else echo "$TEACHERS/$1/lora.safetensors"; fi; }
 teachers="geneval=$(lora geneval),ocr=$(lora ocr)"
 anchor=$(lora quality)
 OPD="--teachers $teachers $BATCH --init_lora $OUT/merge_init.safetensors --anchor $anchor"   # Flow-OPD, merge + MAR
