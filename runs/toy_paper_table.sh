@@ -12,7 +12,7 @@
 #                    the best ODE score on the first 128 TRAIN prompts of its task becomes $OUT/teacher/<task>
 #                    ($OUT/eval_<task>_pick); TEACHERS_GO_ON=1 trains the same candidates on in a second call (more
 #                    than one call's LIMIT). Ship them with `python toyworld.py teachers $OUT/teacher`.
-#   STAGE=students   from the teachers in TEACHERS (default toy/, the shipped ones; or $OUT/teacher): merge init;
+#   STAGE=students   from the teachers in TEACHERS (toy/, the shipped ones, or $OUT/teacher; above): merge init;
 #                    per seed: GRPO-Mix, the 4 Flow-OPD rows, SFT init, the k-step rows. Every row trains the same
 #                    number of iterations (x 128 student images), as many as fit in LIMIT, at most STUDENT_ITERS:
 #                    all rows first train CALIBRATE_ITERS iterations side by side; the slowest row's
@@ -32,7 +32,8 @@ OUT=${OUT:-out/toy_table}
 STAGE=${STAGE:-all}
 LIMIT=${LIMIT:-0}                # seconds after which a stage's runs still going get SIGTERM; 0 = none
 SEEDS=${SEEDS:-0 1 2}            # student seeds: every student row is trained once per seed
-TEACHERS=${TEACHERS:-toy}        # the students' teachers: toy (shipped: toy/<task>.safetensors) or $OUT/teacher
+TEACHERS=${TEACHERS:-}          # the students' teachers: toy (shipped: toy/<task>.safetensors) or $OUT/teacher;
+                                 # default: $OUT/teacher when this call trains them (STAGE all/teachers), else toy
 TEACHER_ITERS=${TEACHER_ITERS:-2000}
 TEACHERS_GO_ON=${TEACHERS_GO_ON:-}  # 1: the teachers stage goes on from its teachers' checkpoints (--resume)
 GENEVAL_LRS=${GENEVAL_LRS:-1e-3 2e-3}  # teacher candidates per task, picked on train prompts (above); the quality
@@ -51,6 +52,9 @@ BATCH="--images_per_iteration 128 --micro_batch 64 --eval_every 0"    # evaluate
 # among its task's *_LRS by the teachers stage, on train prompts)
 GRPO="--algo grpo $BATCH --group_size 16 --lr 1e-3 --clip_range 1e-4 --beta 0.04"
 T=$OUT/teacher
+if [[ -z $TEACHERS ]]; then
+    if [[ " $STAGE " == *" all "* || " $STAGE " == *" teachers "* ]]; then TEACHERS=$T; else TEACHERS=toy; fi
+fi
 # a teacher's LoRA in TEACHERS: toy/<task>.safetensors (shipped) or <folder>/<task>/lora.safetensors (a teachers stage)
 lora() { if [[ -f $TEACHERS/$1.safetensors ]]; then echo "$TEACHERS/$1.safetensors"
          else echo "$TEACHERS/$1/lora.safetensors"; fi; }
