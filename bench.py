@@ -34,8 +34,8 @@ Run (one GPU): python bench.py --configs "compiled b16,compiled b16 k1,compiled 
                python bench.py --ratio --out bench_ratio
 Large models, one H200. Measured (results/models_h200/): SD3.5-L compiled b16, 0.70 images/s, 121.5 GB,
 60.5 % MFU; FLUX.1-dev compiled b8 died in its first compiled backward (CUDA illegal memory access, docs/speed.md).
-Estimates made before: one forward of one image (torch's FLOP counter on meta
-tensors) is 4.45 TFLOP on SD3.5-M (CFG pair), 14.4 on SD3.5-L, 15.8 on FLUX.1-dev (no CFG pair); a dense iteration
+Estimates made before: one forward of one image (torch's FLOP counter on meta tensors) is 4.45 TFLOP on SD3.5-M
+(CFG pair), 14.4 on SD3.5-L, 15.8 on FLUX.1-dev (no CFG pair); a dense iteration
 ~3.3x (SD3.5-L) and ~3.5x (FLUX.1-dev, ~0.74 PFLOP per image) SD3.5-M's 214 TFLOP per image, ~30 s for 16 images
 at SD3.5-M's compiled 53% MFU. Activations the training forward saves (meta tensors; on SD3.5-M eager b8 it counts
 43 GB against 44.4 measured) plus weights: eager micro-batch 8 / 16, SD3.5-L 96 / 170 GB, FLUX.1-dev 90 / 144 GB;
