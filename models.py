@@ -227,7 +227,12 @@ def blocks(transformer) -> list[torch.nn.Module]:
 
 def flux_base(transformer, encode_prompts, decode, size: int, scheduler_config: dict, name: str) -> Base:
     """A FLUX transformer as a Base: unpacked latents (in_channels / 4, size, size), flux_velocity, the scheduler
-    config's dynamic-shift sigmas over the size/2 x size/2 packed image tokens, the guidance embedding if it has one."""
+    config's dynamic-shift sigmas over the size/2 x size/2 packed image tokens, the guidance embedding if it has one.
+    It also turns cuDNN's attention off for the process (PyTorch's other fused kernels, flash first, take over):
+    in FLUX.1-dev's training backward on an H200 (torch 2.11, cuDNN 9.19) cuDNN's SDPA backward failed
+    (`mha_graph.execute(...).is_good()`; a CUDA illegal memory access without CUDA_LAUNCH_BLOCKING), eager and
+    compiled alike; without it both run (results/models_h200/README.md)."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
     return Base(transformer, encode_prompts, decode, (transformer.config.in_channels // 4, size, size),
                 scheduler_config["shift"], name, family_velocity=flux_velocity,
                 schedule=lambda steps: flux_sigmas(steps, scheduler_config, (size // 2) ** 2),
