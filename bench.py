@@ -33,7 +33,8 @@ recomputed).
 Run (one GPU): python bench.py --configs "compiled b16,compiled b16 k1,compiled b16 k2,compiled b16 k3" --out bench_out
                python bench.py --ratio --out bench_ratio
 Large models, one H200. Measured (results/models_h200/): SD3.5-L compiled b16, 0.70 images/s, 121.5 GB,
-60.5 % MFU; FLUX.1-dev compiled b8 died in its first compiled backward (CUDA illegal memory access, docs/speed.md).
+60.5 % MFU; FLUX.1-dev compiled b8, 0.64 images/s, 73.4 GB, 59.5 % MFU (k2: 1.66 images/s), once cuDNN's attention,
+whose backward failed on FLUX, was turned off (models.flux_base; docs/speed.md).
 Estimates made before: one forward of one image (torch's FLOP counter on meta tensors) is 4.45 TFLOP on SD3.5-M
 (CFG pair), 14.4 on SD3.5-L, 15.8 on FLUX.1-dev (no CFG pair); a dense iteration
 ~3.3x (SD3.5-L) and ~3.5x (FLUX.1-dev, ~0.74 PFLOP per image) SD3.5-M's 214 TFLOP per image, ~30 s for 16 images
@@ -43,9 +44,7 @@ compiling saved a third of SD3.5-M's activations at b16. train.speed_up compiles
 single-stream blocks (a row's compiled_blocks says how many). One config per 10-minute call (compile, 3 iterations,
 the FLOP count: ~4-5 min); a config that runs out of memory gives an error row and the next one runs:
                python bench.py --model sd35l --configs "compiled b16" --skip_precision --out $OUT/sd35l
-               python bench.py --model flux-dev --configs "compiled b8" --skip_precision --out $OUT/flux
-               python bench.py --model flux-dev --configs "compiled b16 ckpt" --skip_precision --out $OUT/flux_ckpt
-               python bench.py --model flux-dev --configs "compiled b8 k2" --draws 2 --skip_precision --out $OUT/flux_k2
+               python bench.py --model flux-dev --configs "compiled b8,compiled b8 k2" --draws 2 --skip_precision --out $OUT/flux
 CPU smoke (tiny shapes of the model's family): python bench.py --tiny [--model flux-dev]
 """
 import argparse
