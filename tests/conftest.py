@@ -2,6 +2,7 @@
 import json
 import os
 from pathlib import Path
+import signal
 
 import pytest
 import torch
@@ -113,15 +114,19 @@ def teacher_files(sd3_folder, sd3_transformer, tmp_path_factory) -> dict:
 
 
 def in_world_of_one(main, args: list) -> None:
-    """main(args) (train.main, evaluate.main) in this process, as a fresh world of one (no interpreter start-up)."""
+    """main(args) (train.main, evaluate.main) in this process, as a fresh world of one (no interpreter start-up);
+    the distributed variables and the SIGTERM/SIGINT handlers (train.main installs its own) put back afterwards."""
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     saved = {k: os.environ.pop(k) for k in names if k in os.environ}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         main([str(a) for a in args])
     finally:
         for k in names:
             os.environ.pop(k, None)
         os.environ.update(saved)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
 
 def train_error(args: list) -> str:
