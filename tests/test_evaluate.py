@@ -13,7 +13,6 @@ import sys
 import numpy as np
 from PIL import Image
 import pytest
-import torch
 
 from conftest import ROOT, in_world_of_one
 from evaluate import EvalConfig, main, resolve_jobs
@@ -37,13 +36,9 @@ def run_eval(args, nproc: int = 0, check: bool = True) -> subprocess.CompletedPr
 def eval_here(args) -> str:
     """`python evaluate.py` as run_eval runs it (one thread), but in this process (no interpreter start-up); raises
     on failure.  -> what it printed"""
-    printed, threads = io.StringIO(), torch.get_num_threads()
-    torch.set_num_threads(1)                                   # run_eval's OMP_NUM_THREADS=1: the same arithmetic
-    try:
-        with redirect_stdout(printed):
-            in_world_of_one(main, args)
-    finally:
-        torch.set_num_threads(threads)
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        in_world_of_one(main, args, threads=1)                 # run_eval's OMP_NUM_THREADS=1: the same arithmetic
     return printed.getvalue()
 
 

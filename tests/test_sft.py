@@ -24,7 +24,7 @@ def test_sft_lowers_the_flow_matching_loss_and_moves_samples_toward_the_teacher(
                                  f"ocr={tmp_path / 'ocr.txt'}", "--out", out, "--resolution", "16",
                                  "--sft_sample_steps", "4", "--images_per_iteration", "8", "--group_size", "2",
                                  "--micro_batch", "8", "--updates", "1", "--iterations", "15", "--lr", "1e-2",
-                                 "--rank", "8", "--alpha", "8"])
+                                 "--rank", "8", "--alpha", "8"], threads=1)              # run_train's OMP_NUM_THREADS=1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 15
     base = load_base(str(sd3_folder), "cpu", torch.float32, 16)
     add_adapter(base.transformer, load_lora(teacher), "teacher")

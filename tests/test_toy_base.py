@@ -61,7 +61,8 @@ def test_default_main_command_runs_on_the_toy_world(tmp_path, monkeypatch):
     out = tmp_path / "run"
     monkeypatch.chdir(ROOT)                                                    # in-process: no interpreter start-up
     in_world_of_one(train.main, ["--teachers", "toy/ocr.safetensors,toy/geneval.safetensors", "--out", out, *TINY,
-                                 "--eval_max_prompts", "1", "--eval_steps", "2"])   # the default evaluation, cut short
+                                 "--eval_max_prompts", "1", "--eval_steps", "2"],   # the default evaluation, cut short
+                    threads=1)                                                 # as run_train: OMP_NUM_THREADS=1
     record = json.loads((out / "config.json").read_text())
     assert record["base"].startswith("toy:") and record["config"]["rank"] == toy_model.TRAIN_DEFAULTS["rank"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -123,7 +123,7 @@ def test_only_student_lora_parameters_receive_gradients(sd3_folder, data, tmp_pa
 def test_two_processes_give_the_same_lora_as_one(sd3_folder, data, tmp_path):
     # with --sampled_steps on: each image draws its steps from its own seed (the dense path: test_grpo.py's twin)
     args = ["--iterations", "2", "--updates", "1", "--lr", "1e-3", "--sampled_steps", "2"]
-    in_world_of_one(train.main, [*common(sd3_folder, data, tmp_path / "one"), *args])   # no interpreter start-up
+    in_world_of_one(train.main, [*common(sd3_folder, data, tmp_path / "one"), *args], threads=1)   # run_train's 1
     run_train([*common(sd3_folder, data, tmp_path / "two"), *args], nproc=2)
     one, two = load_lora(tmp_path / "one" / "lora.safetensors"), load_lora(tmp_path / "two" / "lora.safetensors")
     moved = max((one.B[m]).abs().max().item() for m in one.B)
