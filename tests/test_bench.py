@@ -4,21 +4,33 @@ per phase, measures the sampled gradient's agreement with the dense one, and (--
 import json
 from pathlib import Path
 import socket
-import subprocess
 import sys
 
 import torch
 import torch.distributed as dist
 
-from conftest import ROOT
 import models
 
 
-def test_bench_tiny_runs_dense_and_sampled_iterations_and_counts_flops(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--tiny", "--configs", "eager b8,eager b8 k2",
-                             "--iterations", "1", "--images", "8", "--draws", "2", "--skip_precision", "--out", str(tmp_path)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+def bench_here(monkeypatch, *argv) -> None:
+    """`python bench.py *argv` in this process (no interpreter start-up): bench.main in a world of one, undone after."""
+    import bench
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    world = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    for name, value in world.items():
+        monkeypatch.setenv(name, value)                                        # bench.main's world of one, undone after
+    monkeypatch.setattr(sys, "argv", ["bench.py", *map(str, argv)])
+    try:
+        bench.main()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bench_tiny_runs_dense_and_sampled_iterations_and_counts_flops(tmp_path, monkeypatch):
+    bench_here(monkeypatch, "--tiny", "--configs", "eager b8,eager b8 k2", "--iterations", "1", "--images", "8",
+               "--draws", "2", "--skip_precision", "--out", tmp_path)
     record = json.loads((tmp_path / "bench.json").read_text())
     dense, sampled = record["configs"]
     assert dense["config"] == "eager b8" and dense["images_per_s"] > 0 and dense["rows_per_image"] == 9
@@ -63,19 +75,9 @@ def flux_row_flops(c: dict, image_tokens: int, text_tokens: int, rank: int) -> t
 def test_bench_tiny_flux_goes_through_the_flux_seam_and_counts_closed_form_flops(tmp_path, monkeypatch):
     import bench
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    world = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    for name, value in world.items():
-        monkeypatch.setenv(name, value)                                        # bench.main's world of one, undone after
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--tiny", "--model", "flux-dev", "--configs", "eager b8",
-                                      "--iterations", "1", "--images", "8", "--skip_precision", "--out", str(tmp_path)])
-    try:
-        with sdpa_kernel(SDPBackend.MATH):       # CPU's fused attention kernel is not in torch's FLOP registry
-            bench.main()
-    finally:
-        dist.destroy_process_group()
+    with sdpa_kernel(SDPBackend.MATH):           # CPU's fused attention kernel is not in torch's FLOP registry
+        bench_here(monkeypatch, "--tiny", "--model", "flux-dev", "--configs", "eager b8", "--iterations", "1",
+                   "--images", "8", "--skip_precision", "--out", tmp_path)
     record = json.loads((tmp_path / "bench.json").read_text())
     row, = record["configs"]
     model = bench.TINY_MODELS["flux"]

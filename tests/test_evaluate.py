@@ -1,5 +1,7 @@
 """evaluate.py end to end on a tiny SD3 folder: the scored table, the T2I-CompBench layout (names, resume,
 determinism, 1 vs 2 processes) and bad input."""
+from contextlib import redirect_stdout
+import io
 import json
 import os
 import re
@@ -12,7 +14,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, in_world_of_one
 from evaluate import EvalConfig, main, resolve_jobs
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -31,6 +33,15 @@ def run_eval(args, nproc: int = 0, check: bool = True) -> subprocess.CompletedPr
     return result
 
 
+def eval_here(args) -> str:
+    """`python evaluate.py` as run_eval runs it (one thread), but in this process (no interpreter start-up); raises
+    on failure.  -> what it printed"""
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        in_world_of_one(main, args, threads=1)                 # run_eval's OMP_NUM_THREADS=1: the same arithmetic
+    return printed.getvalue()
+
+
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("prompts") / "color.txt"
@@ -47,8 +58,8 @@ def layout_args(sd3_folder, prompt_file, out) -> list:
 def compbench_one(sd3_folder, prompt_file, tmp_path_factory) -> Path:
     """The layout written by one process."""
     out = tmp_path_factory.mktemp("compbench") / "one"
-    result = run_eval(layout_args(sd3_folder, prompt_file, out))
-    assert "6 images generated, 0 kept" in result.stdout, result.stdout
+    printed = eval_here(layout_args(sd3_folder, prompt_file, out))
+    assert "6 images generated, 0 kept" in printed, printed
     return out
 
 
@@ -59,7 +70,7 @@ def snapshot(out: Path) -> dict:
 
 def test_scored_mode_writes_table_results_and_grid(sd3_folder, prompt_file, tmp_path):
     out = tmp_path / "eval"
-    run_eval(["--base", sd3_folder, "--prompts", f"color={prompt_file},shape={prompt_file}",
+    eval_here(["--base", sd3_folder, "--prompts", f"color={prompt_file},shape={prompt_file}",
               "--rewards", "color=brightness,shape=brightness", "--max_prompts", "2", "--out", out, *SMALL])
     record = json.loads((out / "results.json").read_text())
     means = record["table"]["base"]
@@ -98,16 +109,16 @@ def test_t2i_compbench_rerun_keeps_files_and_regenerates_only_the_missing_one(sd
     out = tmp_path / "copy"
     shutil.copytree(compbench_one, out)
     before = snapshot(out)
-    result = run_eval(layout_args(sd3_folder, prompt_file, out) + ["--rewards", "color=brightness"])
-    assert "0 images generated, 6 kept" in result.stdout and snapshot(out) == before
+    printed = eval_here(layout_args(sd3_folder, prompt_file, out) + ["--rewards", "color=brightness"])
+    assert "0 images generated, 6 kept" in printed and snapshot(out) == before
     pixels = [np.asarray(Image.open(out / "color" / "samples" / n)) for n in NAMES]
     mean = json.loads((out / "results.json").read_text())["table"]["base"]["color"]
     assert mean == pytest.approx(np.mean([p.mean() / 255 for p in pixels]), abs=1e-6)  # the files were scored
 
     gone = out / "color" / "samples" / "a photo of a cat_00001.png"
     gone.unlink()
-    result = run_eval(layout_args(sd3_folder, prompt_file, out))
-    assert "1 images generated, 5 kept" in result.stdout
+    printed = eval_here(layout_args(sd3_folder, prompt_file, out))
+    assert "1 images generated, 5 kept" in printed
     after = snapshot(out)
     assert after.keys() == before.keys() and after[gone.name][0] == before[gone.name][0]     # same bytes again
     assert all(after[n] == before[n] for n in before if n != gone.name)                      # others untouched
@@ -134,11 +145,26 @@ def bad_prompts(tmp_path: Path, prompt: str = "a cat and/or a dog") -> Path:
     return tmp_path / "bad.txt"
 
 
-@pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_fails_in_one_line_and_writes_nothing(case, sd3_folder, prompt_file, tmp_path):
+def bad_args(case: str, sd3_folder, prompt_file, tmp_path) -> tuple[list, Path, str]:
     make, message = BAD_INPUTS[case]
     out = tmp_path / "out"
-    result = run_eval(["--base", sd3_folder, *make(tmp_path, prompt_file), "--out", out, *SMALL], check=False)
+    return ["--base", sd3_folder, *make(tmp_path, prompt_file), "--out", out, *SMALL], out, message
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_fails_in_one_line_and_writes_nothing(case, sd3_folder, prompt_file, tmp_path):
+    """In-process (no interpreter start-up): a one-line ValueError, which the CLI prints as its one error line and
+    exit (the test below runs the CLI itself)."""
+    args, out, message = bad_args(case, sd3_folder, prompt_file, tmp_path)
+    with pytest.raises(ValueError) as error:
+        in_world_of_one(main, args)
+    assert "\n" not in str(error.value) and re.search(message, str(error.value)), error.value
+    assert not out.exists()
+
+
+def test_bad_input_on_the_command_line_is_one_error_line_and_a_failed_exit(sd3_folder, prompt_file, tmp_path):
+    args, out, message = bad_args("base without prompts", sd3_folder, prompt_file, tmp_path)
+    result = run_eval(args, check=False)
     errors = [line for line in result.stderr.splitlines() if line.startswith("evaluate.py: error:")]
     assert result.returncode != 0 and len(errors) == 1, result.stderr[-2000:]
     assert re.search(message, errors[0]), errors[0]

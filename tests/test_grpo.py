@@ -10,9 +10,11 @@ import torch.distributed as dist
 
 import toy_tasks
 from grpo import global_std, group_advantages, grpo_loss, make_reward
+from conftest import in_world_of_one
 from merge_lora import load_lora
 from rewards import make_reward as make_single_reward
 from test_train import run_train
+import train
 from train import parse_config, setup
 
 # 10 SDE steps: at 4 the toy base draws nothing the OCR reward can read (every reward 0, every advantage 0).
@@ -153,7 +155,7 @@ def test_bad_grpo_flags_are_refused_before_loading(flags, message, tmp_path):
 
 def test_grpo_trains_on_the_toy_base(tmp_path):
     out = tmp_path / "run"
-    run_train([*GRPO, "--iterations", "2", "--out", out])
+    in_world_of_one(train.main, [*GRPO, "--iterations", "2", "--out", out], threads=1)   # as run_train: 1 thread
     record = json.loads((out / "config.json").read_text())
     assert record["config"]["algo"] == "grpo" and record["config"]["reward"] == "toy_ocr"
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -171,7 +173,7 @@ def test_grpo_trains_on_the_toy_base(tmp_path):
 
 def test_two_processes_give_the_same_lora_as_one(tmp_path):
     args = [*GRPO, "--iterations", "1", "--updates", "1"]
-    run_train([*args, "--out", tmp_path / "one"], nproc=1)
+    in_world_of_one(train.main, [*args, "--out", tmp_path / "one"], threads=1)   # run_train's OMP_NUM_THREADS=1
     run_train([*args, "--out", tmp_path / "two"], nproc=2)                    # one group per rank
     one, two = load_lora(tmp_path / "one" / "lora.safetensors"), load_lora(tmp_path / "two" / "lora.safetensors")
     assert max(b.abs().max().item() for b in one.B.values()) > 1e-4

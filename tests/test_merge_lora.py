@@ -10,6 +10,7 @@ from peft.utils.merge_utils import ties as peft_ties
 from safetensors.torch import save_file
 
 from conftest import ROOT, random_lora, write_peft
+import merge_lora
 from merge_lora import LoRA, compress, load_lora, merge, relative_error, save_lora, ties_delta
 from teachers import add_adapter
 
@@ -186,7 +187,9 @@ def test_cli_merge_is_loadable_by_load_lora_and_add_adapter(teacher_files, sd3_t
     add_adapter(copy.deepcopy(sd3_transformer), merged, "student", str(out))       # what train.py --init_lora does
 
 
-def test_cli_bad_input_is_one_line_and_writes_nothing(teacher_files, sd3_transformer, tmp_path):
+def test_cli_bad_input_is_one_line_and_writes_nothing(teacher_files, sd3_transformer, tmp_path, capsys):
+    """merge_lora.main, what `python merge_lora.py` runs (the test above runs the script), in this process: no
+    interpreter start-up per case."""
     ocr, geneval, pick = (teacher_files[t] for t in ("ocr", "geneval", "pick"))
     partial = random_lora(sd3_transformer, 4)
     del partial.A["transformer_blocks.1.attn.to_q"], partial.B["transformer_blocks.1.attn.to_q"]
@@ -202,10 +205,16 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(teacher_files, sd3_transfo
     files = [ocr / "adapter_model.safetensors", ocr / "adapter_config.json", geneval / "adapter_model.safetensors",
              pick, tmp_path / "partial.safetensors", bare]
     before = [f.read_bytes() for f in files]
-    runs = {message: _cli(*args) for message, args in cases.items()}             # in parallel
-    for message, run in runs.items():
-        stdout, stderr = run.communicate()
-        assert run.returncode != 0 and stdout == "", message
-        assert stderr.count("\n") == 1 and stderr.startswith("merge_lora.py: error: ") and message in stderr, stderr
+    threads = torch.get_num_threads()                                       # main sets 1 thread past the flags
+    try:
+        for message, args in cases.items():
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as done:
+                merge_lora.main([str(a) for a in args])
+            stdout, stderr = capsys.readouterr()
+            assert done.value.code not in (0, None) and stdout == "", message
+            assert stderr.count("\n") == 1 and stderr.startswith("merge_lora.py: error: ") and message in stderr, stderr
+    finally:
+        torch.set_num_threads(threads)
     assert [f.read_bytes() for f in files] == before and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "partial.safetensors"]   # no temporary files left

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import torch
 
 import checkpoint
-from conftest import ROOT, train_error
+from conftest import ROOT, in_world_of_one, train_error
 
 TOY = ["--teachers", f"{ROOT}/toy/ocr.safetensors,{ROOT}/toy/geneval.safetensors", "--images_per_iteration", "4", "--group_size", "2",
        "--micro_batch", "2", "--steps", "4", "--train_steps", "2", "--save_every", "1", "--eval_every", "0"]
@@ -30,6 +30,12 @@ def train(*flags, wait=True):
     if not wait:
         return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def train_here(*flags) -> None:
+    """train.main with the same flags as `train`, in this process (no interpreter start-up); raises on failure."""
+    import train as train_py
+    in_world_of_one(train_py.main, [*TOY, *flags])
 
 
 def wait_for(path: Path, process, timeout: float = 300) -> None:
@@ -47,7 +53,7 @@ def same_lora(a: Path, b: Path) -> bool:
 
 def test_sigkill_mid_iteration_then_resume_gives_the_same_lora_bit_for_bit(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert train(*EMA, "--iterations", 4, "--out", straight).returncode == 0
+    train_here(*EMA, "--iterations", 4, "--out", straight)                     # the reference, uninterrupted
     process = train(*EMA, "--iterations", 4, "--out", killed, wait=False)
     wait_for(killed / "checkpoints" / "ckpt_000002.pt", process)
     process.send_signal(signal.SIGKILL)                                         # inside iteration 3
@@ -112,7 +118,7 @@ def test_sigterm_to_torchrun_reaches_the_workers_but_torchrun_exits_one(tmp_path
 
 def test_resume_refuses_a_different_run_and_names_the_difference(tmp_path):
     out = tmp_path / "run"
-    assert train("--iterations", 1, "--out", out).returncode == 0
+    train_here("--iterations", 1, "--out", out)
     before = snapshot(out)
     error = train_error([*TOY, "--iterations", 2, "--out", out, "--resume", "--lr", "0.5", "--beta", "0.1"])
     assert "was made by a different run: --beta 0.04 -> 0.1; --lr 0.001 -> 0.5" in error
@@ -126,7 +132,7 @@ def test_resume_refuses_a_different_run_and_names_the_difference(tmp_path):
 
 def test_keep_prunes_old_checkpoints_and_exports(tmp_path):
     out = tmp_path / "run"
-    assert train("--iterations", 3, "--keep", 2, "--out", out).returncode == 0
+    train_here("--iterations", 3, "--keep", 2, "--out", out)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "ckpt_000002.pt", "ckpt_000003.pt", "lora_000002.safetensors", "lora_000003.safetensors"]
     assert same_lora(out / "checkpoints" / "lora_000003.safetensors", out / "lora.safetensors")

@@ -4,14 +4,14 @@ import json
 
 import torch
 
-from conftest import random_lora, write_peft
+from conftest import in_world_of_one, random_lora, write_peft
 from evaluate import generate
 from merge_lora import load_lora
 from models import load_base
 from sde_sampler import initial_noise, sample_ode
 from sft import flow_matching_loss
 from teachers import BASE, add_adapter, use_adapter
-from test_train import run_train
+import train
 
 PROMPTS = ["a red cat", "two blue dogs", "a sign that says hello", "the dog on the left"]
 
@@ -20,10 +20,11 @@ def test_sft_lowers_the_flow_matching_loss_and_moves_samples_toward_the_teacher(
     teacher = write_peft(random_lora(sd3_transformer, 21, std=0.4), tmp_path / "ocr")
     (tmp_path / "ocr.txt").write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "sft"
-    run_train(["--base", sd3_folder, "--algo", "sft", "--teachers", f"ocr={teacher}", "--prompts",
-               f"ocr={tmp_path / 'ocr.txt'}", "--out", out, "--resolution", "16", "--sft_sample_steps", "4",
-               "--images_per_iteration", "8", "--group_size", "2", "--micro_batch", "8", "--updates", "1",
-               "--iterations", "15", "--lr", "1e-2", "--rank", "8", "--alpha", "8"])
+    in_world_of_one(train.main, ["--base", sd3_folder, "--algo", "sft", "--teachers", f"ocr={teacher}", "--prompts",
+                                 f"ocr={tmp_path / 'ocr.txt'}", "--out", out, "--resolution", "16",
+                                 "--sft_sample_steps", "4", "--images_per_iteration", "8", "--group_size", "2",
+                                 "--micro_batch", "8", "--updates", "1", "--iterations", "15", "--lr", "1e-2",
+                                 "--rank", "8", "--alpha", "8"], threads=1)              # run_train's OMP_NUM_THREADS=1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 15
     base = load_base(str(sd3_folder), "cpu", torch.float32, 16)
     add_adapter(base.transformer, load_lora(teacher), "teacher")

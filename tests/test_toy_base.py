@@ -5,10 +5,11 @@ import shutil
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, in_world_of_one
+import evaluate
 from evaluate import generate
 from models import load_toy
-from test_train import run_train
+import train
 import toy_model
 import toy_tasks
 
@@ -56,10 +57,12 @@ def test_unknown_task_is_a_clear_error():
         toy_tasks.prompt_file("pickscore", "train")
 
 
-def test_default_main_command_runs_on_the_toy_world(tmp_path):
+def test_default_main_command_runs_on_the_toy_world(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    run_train(["--teachers", "toy/ocr.safetensors,toy/geneval.safetensors", "--out", out, *TINY,
-               "--eval_max_prompts", "1", "--eval_steps", "2"])                 # the default evaluation, cut short
+    monkeypatch.chdir(ROOT)                                                    # in-process: no interpreter start-up
+    in_world_of_one(train.main, ["--teachers", "toy/ocr.safetensors,toy/geneval.safetensors", "--out", out, *TINY,
+                                 "--eval_max_prompts", "1", "--eval_steps", "2"],   # the default evaluation, cut short
+                    threads=1)                                                 # as run_train: OMP_NUM_THREADS=1
     record = json.loads((out / "config.json").read_text())
     assert record["base"].startswith("toy:") and record["config"]["rank"] == toy_model.TRAIN_DEFAULTS["rank"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -69,14 +72,11 @@ def test_default_main_command_runs_on_the_toy_world(tmp_path):
     assert (out / "lora.safetensors").is_file() and (out / "eval" / "grid_000002.png").is_file()
 
 
-def test_evaluate_writes_one_comparison_table(tmp_path):
-    import subprocess
-    import sys
+def test_evaluate_writes_one_comparison_table(tmp_path, monkeypatch):
     out = tmp_path / "eval"
     lora = f"ocr_teacher={ROOT / 'toy/ocr.safetensors'},geneval_teacher={ROOT / 'toy/geneval.safetensors'}"
-    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--lora", lora, "--max_prompts", "3",
-                             "--steps", "4", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
+    monkeypatch.chdir(ROOT)                                                    # in-process: no interpreter start-up
+    in_world_of_one(evaluate.main, ["--lora", lora, "--max_prompts", "3", "--steps", "4", "--out", out])
     record = json.loads((out / "results.json").read_text())
     assert list(record["table"]) == ["base", "ocr_teacher", "geneval_teacher"]
     assert record["prompts"] == {"geneval": 3, "ocr": 3, "quality": 3}

@@ -13,12 +13,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import ROOT, random_lora, train_error, write_peft
+from conftest import ROOT, in_world_of_one, random_lora, train_error, write_peft
 from merge_lora import load_lora, save_lora
 import toy_model
 from models import sd3_velocity
 from sde_sampler import Condition
 from teachers import add_adapter
+import train
 from train import Config, parse_config
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -66,8 +67,14 @@ def test_parse_config_types_bools_and_unknown_flags():
 
 
 def test_torchrun_trains_and_writes_a_checkpoint_diffusers_loads(sd3_folder, data, tmp_path):
+    """Also: a prompt beyond the text encoders (the pick task's two prompts) is truncated with one warning a run."""
     out = tmp_path / "run"
-    run_train([*common(sd3_folder, data, out), "--iterations", "3", "--anchor", data["teachers"].split(",")[-1]])
+    long = " ".join(["a photo of a red cat on the left"] * 20)               # > 77 CLIP tokens
+    (tmp_path / "long.txt").write_text(f"{long}\n{long} dog\n")
+    prompts = data["prompts"].replace(str(data["folder"] / "pick.txt"), str(tmp_path / "long.txt"))
+    result = run_train([*common(sd3_folder, data, out), "--prompts", prompts, "--iterations", "3",
+                        "--anchor", data["teachers"].split(",")[-1]])
+    assert result.stderr.count("are truncated") == 1 and "Token indices sequence length" not in result.stderr
     record = json.loads((out / "config.json").read_text())
     assert record["config"]["iterations"] == 3 and record["world_size"] == 1 and len(record["git_sha"]) > 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -116,7 +123,7 @@ def test_only_student_lora_parameters_receive_gradients(sd3_folder, data, tmp_pa
 def test_two_processes_give_the_same_lora_as_one(sd3_folder, data, tmp_path):
     # with --sampled_steps on: each image draws its steps from its own seed (the dense path: test_grpo.py's twin)
     args = ["--iterations", "2", "--updates", "1", "--lr", "1e-3", "--sampled_steps", "2"]
-    run_train([*common(sd3_folder, data, tmp_path / "one"), *args], nproc=1)
+    in_world_of_one(train.main, [*common(sd3_folder, data, tmp_path / "one"), *args], threads=1)   # run_train's 1
     run_train([*common(sd3_folder, data, tmp_path / "two"), *args], nproc=2)
     one, two = load_lora(tmp_path / "one" / "lora.safetensors"), load_lora(tmp_path / "two" / "lora.safetensors")
     moved = max((one.B[m]).abs().max().item() for m in one.B)
@@ -220,14 +227,6 @@ def test_world_size_not_dividing_the_batch_is_refused_on_every_rank(sd3_folder, 
     assert lines.count(message) == 1                                          # printed once, by rank 0
     assert lines.count(f"  traceback : {message}") == 2                       # and in torchrun's summary, each rank
     assert lines[-2] == f"  traceback : {message}"                            # the last line but torchrun's ====
-
-
-def test_a_prompt_beyond_the_text_encoders_is_truncated_with_one_warning(sd3_folder, data, tmp_path):
-    long = " ".join(["a photo of a red cat on the left"] * 20)               # > 77 CLIP tokens
-    (tmp_path / "long.txt").write_text(f"{long}\n{long} dog\n")
-    prompts = data["prompts"].replace(str(data["folder"] / "pick.txt"), str(tmp_path / "long.txt"))
-    result = run_train([*common(sd3_folder, data, tmp_path / "out"), "--prompts", prompts, "--iterations", "2"])
-    assert result.stderr.count("are truncated") == 1 and "Token indices sequence length" not in result.stderr
 
 
 # ----------------------------------------------------------------------------------------- training rows, in-process
