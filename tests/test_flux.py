@@ -70,6 +70,13 @@ def test_flux_base_layout_and_schedule(flux):
     torch.testing.assert_close(sigmas[:-1], expected.float(), atol=1e-6, rtol=0)
 
 
+def test_a_flux_base_turns_cudnn_attention_off(flux):
+    # cuDNN's SDPA backward failed in FLUX.1-dev's training backward on an H200 (results/models_h200/README.md)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    models.flux_base(flux[1].transformer, None, None, 8, {"shift": 3.0}, "again")
+    assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+
+
 def test_flux_rollout_and_parity_with_pipeline(flux):
     folder, base = flux
     from diffusers import FluxPipeline
