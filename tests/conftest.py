@@ -113,14 +113,17 @@ def teacher_files(sd3_folder, sd3_transformer, tmp_path_factory) -> dict:
     return files
 
 
-def in_world_of_one(main, args: list, threads: int | None = None) -> None:
-    """main(args) (train.main, evaluate.main) in this process, as a fresh world of one (no interpreter start-up);
-    the distributed variables and the SIGTERM/SIGINT handlers (train.main installs its own) put back afterwards.
-    threads: torch's thread count meanwhile (1: the arithmetic of a subprocess under OMP_NUM_THREADS=1)."""
-    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+def in_world_of_one(main, args: list, threads: int | None = None, env: dict | None = None) -> None:
+    """main(args) (train.main, evaluate.main) in this process, as a fresh world of one (no interpreter start-up), with
+    `env` set; the distributed variables, `env`'s and the SIGTERM/SIGINT handlers (train.main installs its own) put
+    back afterwards. threads: torch's thread count meanwhile (1: the arithmetic of a subprocess under
+    OMP_NUM_THREADS=1)."""
+    env = env or {}
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", *env)
     saved = {k: os.environ.pop(k) for k in names if k in os.environ}
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     threads_before = torch.get_num_threads()
+    os.environ.update(env)
     try:
         if threads:
             torch.set_num_threads(threads)

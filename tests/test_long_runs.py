@@ -1,18 +1,15 @@
 """Long runs (issue 17): one toy run with --ema, in-loop evaluation and both live loggers, read back by evaluate.py,
 TensorBoard's own reader, the offline wandb files and plot.py; bad flags."""
-from contextlib import contextmanager
 import importlib.util
 import json
-import os
 from pathlib import Path
-import signal
 
 import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 import torch
 
-from conftest import ROOT, train_error
+from conftest import ROOT, in_world_of_one, train_error
 
 TOY = ["--teachers", f"{ROOT}/toy/ocr.safetensors,{ROOT}/toy/geneval.safetensors", "--images_per_iteration", "2",
        "--group_size", "1", "--micro_batch", "1", "--steps", "2", "--train_steps", "1"]
@@ -20,32 +17,13 @@ EVAL = ["--eval_every", "2", "--eval_steps", "4", "--eval_max_prompts", "2"]    
 LOGGERS = [name for name in ("tensorboard", "wandb") if importlib.util.find_spec(name)]
 
 
-@contextmanager
-def world_of_one(**env):
-    """An in-process entry point (no interpreter start-up): a fresh world of one, `env` set, signal handlers and the
-    distributed variables put back afterwards."""
-    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", *env)
-    saved = {k: os.environ.pop(k) for k in names if k in os.environ}
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k in names:
-            os.environ.pop(k, None)
-        os.environ.update(saved)
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-
-
 @pytest.fixture(scope="module")
 def long_run(tmp_path_factory) -> Path:
     """4 iterations of 2 optimizer steps (the EMA moves after step 7, in iteration 4), evaluated at 0, 2 and 4."""
     import train
     out = tmp_path_factory.mktemp("long") / "run"
-    with world_of_one(WANDB_MODE="offline", WANDB_SILENT="true"):
-        train.main([*TOY, "--iterations", "4", "--save_every", "2", "--ema", *EVAL, "--log", ",".join(LOGGERS),
-                    "--out", str(out)])
+    in_world_of_one(train.main, [*TOY, "--iterations", "4", "--save_every", "2", "--ema", *EVAL, "--log",
+                                 ",".join(LOGGERS), "--out", out], env=dict(WANDB_MODE="offline", WANDB_SILENT="true"))
     return out
 
 
@@ -77,9 +55,8 @@ def test_in_loop_evaluation_scores_the_ema_export_as_evaluate_py_does(long_run, 
     assert all(torch.equal(exported[k], ema_weights[k]) for k in exported)
     assert max((exported[k] - live[k]).abs().max() for k in exported if "lora_B" in k) > 1e-4
     # evaluate.py on the export: the final in-loop numbers, exactly
-    with world_of_one():
-        evaluate.main(["--lora", f"ema={long_run / 'lora.safetensors'}", "--skip_base", "--tasks", "ocr,geneval",
-                       "--max_prompts", "2", "--steps", "4", "--out", str(tmp_path / "eval")])
+    in_world_of_one(evaluate.main, ["--lora", f"ema={long_run / 'lora.safetensors'}", "--skip_base", "--tasks",
+                                    "ocr,geneval", "--max_prompts", "2", "--steps", "4", "--out", tmp_path / "eval"])
     table = json.loads((tmp_path / "eval" / "results.json").read_text())["table"]["ema"]
     assert table == {"ocr": lines[4]["eval/ocr"], "geneval": lines[4]["eval/geneval"]} and max(table.values()) > 0
 
