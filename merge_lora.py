@@ -64,7 +64,6 @@ from dataclasses import dataclass
 import json
 import os
 from pathlib import Path
-import sys
 import time
 
 import torch

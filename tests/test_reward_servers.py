@@ -15,7 +15,6 @@ import pickle
 import socket
 import threading
 import time
-import urllib.request
 
 import numpy as np
 from PIL import Image

@@ -1,6 +1,5 @@
 """SFT cold start (train.py --algo sft): flow matching on teacher samples moves the student toward the teacher."""
 from functools import partial
-import json
 
 import torch
 

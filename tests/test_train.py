@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import ROOT, in_world_of_one, random_lora, train_error, write_peft
+from conftest import ROOT, in_world_of_one, random_lora, train_error
 from merge_lora import load_lora, save_lora
 import toy_model
 from models import sd3_velocity
